@@ -1,0 +1,57 @@
+"""The unit of work handed from the training thread to the tracing worker, and what a codec returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+
+@dataclass
+class PendingBatch:
+    """References to one batch, as handed over by the training thread (not yet on the host)."""
+
+    outputs: Any
+    targets: Any
+    input_ids: Any
+    features: Any
+    inputs: Any  # kept only when input_ids are missing and must be derived from the content
+    dataset_type: str
+    n_epoch: int
+
+
+@dataclass
+class RowProblem:
+    """Rows of a batch that a codec refused, with a message that names the fix."""
+
+    reason: str
+    count: int
+    message: str
+
+
+@dataclass
+class EncodedBatch:
+    """Columnar rows ready for the store. ``table`` always has a string column ``input_id``."""
+
+    table: pa.Table
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+class TaskCodec(Protocol):
+    """Task knowledge the core needs: validate cheaply, encode on the worker, describe the run."""
+
+    task: str
+
+    def check(self, batch: PendingBatch) -> int:
+        """Validate what metadata alone can tell (shapes, lengths); return the batch size.
+
+        Runs on the training thread, so it must not copy data or synchronise a device.
+        Raises TraceInputError for a batch that cannot be traced at all.
+        """
+
+    def encode(self, batch: PendingBatch) -> EncodedBatch:
+        """Convert to host arrays, validate values, drop bad rows (reported as RowProblem)."""
+
+    def run_meta(self) -> dict:
+        """JSON-able facts about the traces (task, number of classes, ...) stored with the run."""

@@ -1,0 +1,448 @@
+"""TraceCore: the one place that knows about epochs, buffering, flushing, ranks and failures.
+
+Modelled on torchmetrics' ``Metric``: all state is declared in ``__init__``; ``record()`` is the cheap
+per-batch update (no I/O, no device sync: it validates shapes and hands references to a bounded
+queue); flushing is one explicit step per epoch (``wait_for_save()``, or automatically every
+``flush_every`` epochs). A single background worker converts to NumPy, validates values, encodes
+Arrow batches, removes duplicate ids and writes Parquet through the sink.
+
+Failure policy: with ``strict=False`` (the default) nothing raised by tracing reaches the training
+loop; each kind of problem is warned about once and the skipped rows are counted in ``stats``.
+``wait_for_save()`` still raises if data could not be written, because the caller asked for
+durability. With ``strict=True`` bad input raises at the ``record()`` call that caused it (values are
+then validated on the calling thread).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import numbers
+import queue
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import EpochNotRecordedError, MLDebuggerError, TraceInputError, TraceWriteError
+from ..store.names import validate_name
+from .arrays import hand_over
+from .batch import EncodedBatch, PendingBatch, TaskCodec
+from .distributed import rank_and_world_size
+
+log = logging.getLogger("mldbg_callbacks")
+
+PartitionKey = tuple  # (dataset_type: str, n_epoch: int)
+
+
+class TraceWarning(UserWarning):
+    """Tracing skipped something but training goes on (strict=False)."""
+
+
+class TraceSink(Protocol):
+    """Where encoded rows go: a LocalStore run today, an HTTP sink later."""
+
+    def write_meta(self, meta: dict) -> None: ...
+
+    def write_part(self, dataset_type: str, n_epoch: int, rank: int, table: pa.Table) -> str: ...
+
+    def commit(self, dataset_type: str, n_epoch: int, rank: int, parts: list[str], rows: int,
+               world_size: int) -> None: ...
+
+
+@dataclass
+class TraceStats:
+    """Counters of one tracer; a copy is returned by ``wait_for_save()``."""
+
+    batches: int = 0
+    rows_received: int = 0
+    rows_written: int = 0
+    duplicates_dropped: int = 0
+    rows_skipped: dict = field(default_factory=collections.Counter)
+    write_errors: int = 0
+
+    def copy(self) -> "TraceStats":
+        return TraceStats(self.batches, self.rows_received, self.rows_written, self.duplicates_dropped,
+                          collections.Counter(self.rows_skipped), self.write_errors)
+
+    @property
+    def total_skipped(self) -> int:
+        return int(sum(self.rows_skipped.values()))
+
+
+class TraceCore:
+    """Buffers, validates and persists per-sample traces of one model version.
+
+    Args:
+        codec: task knowledge (see ``tasks/``): validation and Arrow encoding of one batch.
+        sink: where rows and commit markers go (``LocalStore.run(model, version)``).
+        flush_every: commit every k epochs; data of finished epochs stays buffered until then.
+        max_pending_batches: bound of the hand-over queue; ``record()`` blocks when it is full
+            (back-pressure instead of unbounded memory).
+        rows_per_part: a partition's buffer is spilled to a Parquet part (not yet visible to
+            readers) once it holds this many rows, which bounds memory per open epoch.
+        strict: raise on bad input and tracing errors instead of warning and counting.
+    """
+
+    def __init__(self, codec: TaskCodec, sink: TraceSink, *, flush_every: int = 1,
+                 max_pending_batches: int = 32, rows_per_part: int = 65536, strict: bool = False):
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be a positive int, got {flush_every!r}")
+        self.codec = codec
+        self.sink = sink
+        self.flush_every = flush_every
+        self.max_pending_batches = max_pending_batches
+        self.rows_per_part = rows_per_part
+        self.strict = strict
+        self._init_runtime_state()
+
+    # -- state --------------------------------------------------------------------------------
+    def _init_runtime_state(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=self.max_pending_batches)
+        self._worker: threading.Thread | None = None
+        self._rank: int | None = None
+        self._world_size = 1
+        # caller-thread state
+        self._recorded: set[PartitionKey] = set()
+        self._warned: set[str] = set()
+        # worker-thread state
+        self._buffers: dict[PartitionKey, list[pa.Table]] = collections.defaultdict(list)
+        self._buffer_rows: collections.Counter = collections.Counter()
+        self._seen_ids: dict[PartitionKey, set] = collections.defaultdict(set)
+        self._spilled_parts: dict[PartitionKey, list[str]] = collections.defaultdict(list)
+        self._written_rows: collections.Counter = collections.Counter()
+        self._closed: set[PartitionKey] = set()
+        self._latest_epoch: dict[str, int] = {}
+        # shared (guarded by _lock)
+        self._stats = TraceStats()
+        self._write_failures: list[tuple[PartitionKey, BaseException]] = []
+
+    def __getstate__(self) -> dict:
+        # Threads and queues do not pickle (spawned DDP workers copy callbacks); traces recorded so far
+        # stay with the original process, the copy starts empty.
+        state = self.__dict__.copy()
+        for name in list(state):
+            if name.startswith("_"):
+                del state[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime_state()
+
+    @property
+    def stats(self) -> TraceStats:
+        with self._lock:
+            return self._stats.copy()
+
+    @property
+    def rank(self) -> int:
+        if self._rank is None:
+            self._rank, self._world_size = rank_and_world_size()
+        return self._rank
+
+    # -- training thread ----------------------------------------------------------------------
+    def record(self, outputs: Any, targets: Any, *, input_ids: Any = None, dataset_type: str = "train",
+               n_epoch: int | None = None, features: Any = None, inputs: Any = None) -> None:
+        """Hand one batch over for tracing. Cheap: shape checks and references only.
+
+        ``input_ids`` identify samples across epochs; without them a content hash of ``inputs``
+        is the id. ``n_epoch=None`` records into epoch 0.
+        """
+        try:
+            epoch = _validate_epoch(n_epoch)
+            validate_name(dataset_type, "dataset_type")
+            if input_ids is None and inputs is None:
+                raise TraceInputError("input_ids is None and no inputs were given to hash: pass input_ids=")
+            batch = PendingBatch(outputs, targets, input_ids, features,
+                                 inputs if input_ids is None else None, dataset_type, epoch)
+            size = self.codec.check(batch)
+        except MLDebuggerError as exc:
+            if self.strict or not isinstance(exc, TraceInputError):
+                raise
+            self._skip("invalid_batch", _safe_len(outputs), str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - user tensors can fail in any way; never break training
+            if self.strict:
+                raise
+            self._skip("invalid_batch", _safe_len(outputs), f"{type(exc).__name__}: {exc}")
+            return
+        self._recorded.add((dataset_type, epoch))
+        if size == 0:
+            return
+        item: PendingBatch | EncodedBatch
+        if self.strict:
+            item = self.codec.encode(_handed_over(batch))
+            if item.problems:
+                raise TraceInputError("; ".join(p.message for p in item.problems))
+            item = _Encoded(item, batch.dataset_type, batch.n_epoch, size)
+        else:
+            item = _handed_over(batch)
+        self._ensure_worker()
+        self._put(("batch", item, size))
+
+    def end_epoch(self, n_epoch: int) -> None:
+        """Declare epoch ``n_epoch`` (and every earlier one) finished for every dataset type."""
+        self._ensure_worker()
+        self._put(("end_epoch", _validate_epoch(n_epoch), None))
+
+    def wait_for_save(self, n_epoch: int | None = None, timeout_s: float | None = None) -> TraceStats:
+        """Block until everything recorded (for ``n_epoch``, or all epochs) is written and committed.
+
+        Raises EpochNotRecordedError for an epoch no ``record()`` call used and TraceWriteError if
+        any write for the requested epochs failed. Returns the tracer's counters.
+        """
+        epoch = None if n_epoch is None else _validate_epoch(n_epoch)
+        if epoch is not None and not any(e == epoch for _, e in self._recorded):
+            recorded = sorted({e for _, e in self._recorded})
+            raise EpochNotRecordedError(
+                f"n_epoch={epoch} was never recorded; recorded epochs: {recorded or 'none'}. "
+                "Pass the same n_epoch to wait_for_save() as to the tracer calls."
+            )
+        if self._worker is not None:
+            done = threading.Event()
+            self._put(("flush", epoch, done))
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while not done.wait(0.1):
+                if not self._worker.is_alive():
+                    raise TraceWriteError("the tracing worker stopped unexpectedly; see the log above")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"traces not saved within {timeout_s} s")
+        with self._lock:
+            failures = [(k, e) for k, e in self._write_failures if epoch is None or k[1] == epoch]
+            self._write_failures = [(k, e) for k, e in self._write_failures if (k, e) not in failures]
+            stats = self._stats.copy()
+        if failures:
+            details = "; ".join(f"{k[0]} epoch {k[1]}: {e}" for k, e in failures[:5])
+            raise TraceWriteError(
+                f"{len(failures)} trace write(s) failed ({details}). Check that the store directory "
+                "(MLD_HOME or store=) is writable and has free space; the rows are kept in memory and "
+                "are written by the next wait_for_save()."
+            )
+        return stats
+
+    def close(self, timeout_s: float | None = 60.0) -> None:
+        """Save everything still buffered and stop the worker."""
+        if self._worker is None or not self._worker.is_alive():
+            return
+        try:
+            self.wait_for_save(timeout_s=timeout_s)
+        finally:
+            self._put(("stop", None, None))
+            self._worker.join(timeout_s)
+            self._worker = None
+
+    # -- helpers (caller thread) -------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            return
+        self.rank  # noqa: B018 - resolve rank on the caller thread, where DDP is initialised
+        self._worker = threading.Thread(target=self._run, name="mldbg-trace-writer", daemon=True)
+        self._worker.start()
+        ref = weakref.ref(self)
+        atexit.register(lambda: (core := ref()) is not None and core._close_at_exit())
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close(timeout_s=30.0)
+        except Exception as exc:  # noqa: BLE001 - exit path: report, never raise
+            log.warning("mldbg-callbacks: traces not saved at exit: %s", exc)
+
+    def _put(self, item: tuple) -> None:
+        while True:  # blocks while the queue is full, but never forever on a dead worker
+            try:
+                self._queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                if self._worker is None or not self._worker.is_alive():
+                    raise TraceWriteError("the tracing worker is not running; traces cannot be saved")
+
+    def _skip(self, reason: str, rows: int, message: str) -> None:
+        with self._lock:
+            self._stats.rows_skipped[reason] += rows
+            first = reason not in self._warned
+            self._warned.add(reason)
+        if first:
+            warnings.warn(f"mldbg-callbacks skipped {rows} row(s) ({reason}): {message}. Training goes on; "
+                          "further rows skipped for this reason are counted in tracer.stats without a "
+                          "warning. Pass strict=True to raise instead.", TraceWarning, stacklevel=3)
+
+    # -- worker thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            kind, payload, extra = self._queue.get()
+            try:
+                if kind == "batch":
+                    self._handle_batch(payload, extra)
+                elif kind == "end_epoch":
+                    self._close_partitions(lambda key: key[1] <= payload)
+                    self._maybe_flush()
+                elif kind == "flush":
+                    self._flush(lambda key: payload is None or key[1] == payload)
+                    extra.set()
+                elif kind == "stop":
+                    return
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+                log.exception("mldbg-callbacks: tracing worker error")
+                self._skip("internal_error", 0, f"{type(exc).__name__}: {exc}")
+                if kind == "flush":
+                    extra.set()
+
+    def _handle_batch(self, item: PendingBatch | "_Encoded", size: int) -> None:
+        dataset_type, epoch = item.dataset_type, item.n_epoch
+        key = (dataset_type, epoch)
+        latest = self._latest_epoch.get(dataset_type)
+        if latest is None or epoch > latest:
+            self._latest_epoch[dataset_type] = epoch
+            if latest is not None:  # a newer epoch started: the older ones of this dataset are done
+                self._close_partitions(lambda k: k[0] == dataset_type and k[1] < epoch)
+        if isinstance(item, _Encoded):
+            encoded = item.encoded
+        else:
+            try:
+                encoded = self.codec.encode(item)
+            except Exception as exc:  # noqa: BLE001
+                self._skip("invalid_batch", size, str(exc) if isinstance(exc, TraceInputError)
+                           else f"{type(exc).__name__}: {exc}")
+                return
+        for problem in encoded.problems:
+            self._skip(problem.reason, problem.count, problem.message)
+        table = self._drop_duplicates(key, encoded.table)
+        with self._lock:
+            self._stats.batches += 1
+            self._stats.rows_received += size
+        if table.num_rows:
+            self._buffers[key].append(table)
+            self._buffer_rows[key] += table.num_rows
+            if self._buffer_rows[key] >= self.rows_per_part and not self._write_buffer(key):
+                self._bound_failed_buffer(key)
+        self._maybe_flush()
+
+    def _drop_duplicates(self, key: PartitionKey, table: pa.Table) -> pa.Table:
+        ids = table.column("input_id").to_pylist()
+        seen = self._seen_ids[key]
+        keep = np.ones(len(ids), dtype=bool)
+        for i, input_id in enumerate(ids):  # batch-sized loop over a hash set
+            if input_id in seen:
+                keep[i] = False
+            else:
+                seen.add(input_id)
+        dropped = int((~keep).sum())
+        if dropped:
+            with self._lock:
+                self._stats.duplicates_dropped += dropped
+            if "duplicate_ids" not in self._warned:
+                self._warned.add("duplicate_ids")
+                warnings.warn(f"mldbg-callbacks: {dropped} input_id(s) of {key[0]} epoch {key[1]} were "
+                              "already recorded in this epoch; the first occurrence is kept (counted in "
+                              "tracer.stats.duplicates_dropped)", TraceWarning, stacklevel=2)
+            table = table.filter(pa.array(keep))
+        return table
+
+    def _close_partitions(self, predicate) -> None:
+        for key in set(self._buffers) | set(self._spilled_parts):
+            if predicate(key):
+                self._closed.add(key)
+
+    def _maybe_flush(self) -> None:
+        closed_epochs = {epoch for _, epoch in self._closed}
+        if len(closed_epochs) >= self.flush_every:
+            self._flush(lambda key: key in self._closed)
+
+    def _flush(self, predicate) -> None:
+        keys = [k for k in set(self._buffers) | set(self._spilled_parts) if predicate(k)]
+        if not keys:
+            return
+        try:
+            self.sink.write_meta(self.codec.run_meta())
+        except Exception as exc:  # noqa: BLE001
+            self._record_write_failure(keys[0], exc)
+            return
+        for key in sorted(keys):
+            if self._buffers.get(key) and not self._write_buffer(key):
+                continue
+            parts = self._spilled_parts.get(key, [])
+            try:
+                self.sink.commit(key[0], key[1], self.rank, list(parts), self._written_rows[key],
+                                 self._world_size)
+            except Exception as exc:  # noqa: BLE001
+                self._record_write_failure(key, exc)
+                continue
+            self._spilled_parts.pop(key, None)
+            self._written_rows.pop(key, None)
+            self._closed.discard(key)
+
+    def _write_buffer(self, key: PartitionKey) -> bool:
+        tables = self._buffers.get(key)
+        if not tables:
+            return True
+        table = pa.concat_tables(tables)
+        try:
+            part = self.sink.write_part(key[0], key[1], self.rank, table)
+        except Exception as exc:  # noqa: BLE001
+            self._record_write_failure(key, exc)
+            return False
+        self._spilled_parts[key].append(part)
+        self._written_rows[key] += table.num_rows
+        del self._buffers[key]
+        self._buffer_rows.pop(key, None)
+        with self._lock:
+            self._stats.rows_written += table.num_rows
+        return True
+
+    def _bound_failed_buffer(self, key: PartitionKey) -> None:
+        # The store keeps failing: hold at most a few parts' worth of rows for a retry, drop the oldest.
+        while self._buffer_rows[key] > 4 * self.rows_per_part and len(self._buffers[key]) > 1:
+            dropped = self._buffers[key].pop(0)
+            self._buffer_rows[key] -= dropped.num_rows
+            self._skip("write_failed", dropped.num_rows, "the store kept failing and the retry buffer is full")
+
+    def _record_write_failure(self, key: PartitionKey, exc: BaseException) -> None:
+        with self._lock:
+            self._stats.write_errors += 1
+            self._write_failures.append((key, exc))
+            first = "write_failed" not in self._warned
+            self._warned.add("write_failed")
+        if first:
+            warnings.warn(f"mldbg-callbacks could not write traces ({exc}); training goes on and "
+                          "wait_for_save() will report it", TraceWarning, stacklevel=2)
+
+
+@dataclass
+class _Encoded:
+    """A batch already encoded on the calling thread (strict mode)."""
+
+    encoded: EncodedBatch
+    dataset_type: str
+    n_epoch: int
+    size: int
+
+
+def _handed_over(batch: PendingBatch) -> PendingBatch:
+    return PendingBatch(hand_over(batch.outputs), hand_over(batch.targets), hand_over(batch.input_ids),
+                        hand_over(batch.features), hand_over(batch.inputs), batch.dataset_type,
+                        batch.n_epoch)
+
+
+def _validate_epoch(n_epoch: Any) -> int:
+    if n_epoch is None:
+        return 0
+    if isinstance(n_epoch, bool) or not isinstance(n_epoch, numbers.Integral) or int(n_epoch) < 0:
+        raise TraceInputError(f"n_epoch must be a non-negative int or None, got {n_epoch!r}")
+    return int(n_epoch)
+
+
+def _safe_len(value: Any) -> int:
+    try:
+        from .arrays import leading_dim
+
+        return leading_dim(value) or 0
+    except Exception:  # noqa: BLE001
+        return 0

@@ -1,0 +1,237 @@
+"""Classification codec: model outputs, labels and features of one batch -> validated Arrow rows.
+
+Stored per sample and epoch (``docs/storage.md`` has the byte counts):
+
+- ``input_id`` (string), ``label`` (int64)
+- ``logits`` or ``probs``: float32 vector of the C class scores when C <= ``max_stored_classes``;
+  above that only the ``top_k`` largest probabilities (``topk_index``/``topk_prob``), the label's
+  probability (``label_prob``) and, for logits, the AUM margin (``logit_margin``), so storage stays
+  bounded for 10k-class models.
+- ``features`` (optional): float16 penultimate features; wider than ``max_feature_dim`` they are
+  reduced by a fixed, seeded Gaussian random projection (which preserves cosine geometry,
+  Johnson-Lindenstrauss), so storage stays bounded for wide backbones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ..core.arrays import leading_dim, to_numpy
+from ..core.batch import EncodedBatch, PendingBatch, RowProblem
+from ..core.hashing import row_hashes
+from ..errors import TraceInputError
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class ClassificationCodec:
+    """Validates and encodes classification batches; learns C, output kind and feature width once.
+
+    Args:
+        output_kind: ``"logits"``, ``"probs"`` or ``"auto"`` (probabilities when every row of the first
+            batch lies in [0, 1] and sums to 1, else logits).
+        max_stored_classes: store the full score vector up to this many classes, top-k above.
+        top_k: how many classes to keep per sample above ``max_stored_classes``.
+        max_feature_dim: project wider features down to this width.
+    """
+
+    task = "classification"
+
+    def __init__(self, output_kind: str = "auto", max_stored_classes: int = 128, top_k: int = 32,
+                 max_feature_dim: int = 1024):
+        if output_kind not in ("auto", "logits", "probs"):
+            raise ValueError(f"output_kind must be 'auto', 'logits' or 'probs', got {output_kind!r}")
+        self.output_kind = output_kind
+        self.max_stored_classes = max_stored_classes
+        self.top_k = top_k
+        self.max_feature_dim = max_feature_dim
+        self.num_classes: int | None = None
+        self.feature_dim: int | None = None  # width before projection
+        self._projection: np.ndarray | None = None
+
+    # -- training thread: metadata only ---------------------------------------------------------
+    def check(self, batch: PendingBatch) -> int:
+        size = leading_dim(batch.outputs)
+        shape = getattr(batch.outputs, "shape", None)
+        if size is None or (shape is not None and len(shape) > 2):
+            raise TraceInputError(
+                f"outputs has shape {tuple(shape) if shape is not None else '?'}; a classifier must return "
+                "(batch, num_classes) scores (or (batch,) for a binary model)"
+            )
+        if batch.targets is None:
+            raise TraceInputError("labels are missing; pass the ground-truth class index of every sample")
+        for name, value in (("labels", batch.targets), ("input_ids", batch.input_ids),
+                            ("features", batch.features), ("inputs", batch.inputs)):
+            if value is None:
+                continue
+            n = leading_dim(value)
+            if n != size:
+                raise TraceInputError(f"{name} has {n} entries but outputs has {size} rows; "
+                                      f"pass one entry of {name} per sample")
+        return size
+
+    # -- worker thread -------------------------------------------------------------------------
+    def encode(self, batch: PendingBatch) -> EncodedBatch:
+        scores = self._scores(to_numpy(batch.outputs))
+        labels = self._labels(to_numpy(batch.targets), scores.shape[1])
+        ids = self._ids(batch)
+        features = self._features(to_numpy(batch.features), len(scores))
+
+        problems = []
+        keep = np.isfinite(scores).all(axis=1)
+        if not keep.all():
+            problems.append(RowProblem("non_finite_outputs", int((~keep).sum()),
+                                       "outputs contain NaN or Inf (diverged training or a bad batch); "
+                                       "those samples are not traced"))
+        in_range = (labels >= 0) & (labels < scores.shape[1])
+        if not in_range.all():
+            bad = labels[~in_range]
+            problems.append(RowProblem(
+                "label_out_of_range", int((~in_range).sum()),
+                f"label {int(bad[0])} is outside [0, {scores.shape[1]}) for outputs with {scores.shape[1]} "
+                "columns; labels must be class indices matching the model's output columns"))
+            keep &= in_range
+        if features is not None:
+            finite_features = np.isfinite(features).all(axis=1)
+            if not finite_features.all():
+                problems.append(RowProblem("non_finite_features", int((~finite_features & keep).sum()),
+                                           "features contain NaN or Inf; those samples are not traced"))
+                keep &= finite_features
+
+        if not keep.all():
+            scores, labels, ids = scores[keep], labels[keep], ids[keep]
+            features = None if features is None else features[keep]
+        columns = {"input_id": pa.array(ids, type=pa.string()), "label": pa.array(labels, type=pa.int64())}
+        columns.update(self._score_columns(scores, labels))
+        if features is not None:
+            columns["features"] = _fixed_list(np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
+        return EncodedBatch(pa.table(columns), problems)
+
+    def run_meta(self) -> dict:
+        return {
+            "task": self.task,
+            "num_classes": self.num_classes,
+            "output_kind": self.output_kind,
+            "score_storage": "topk" if self._topk else "dense",
+            "top_k": self.top_k if self._topk else None,
+            "feature_dim": self.feature_dim,
+            "stored_feature_dim": None if self.feature_dim is None else min(self.feature_dim, self.max_feature_dim),
+        }
+
+    # -- pieces --------------------------------------------------------------------------------
+    @property
+    def _topk(self) -> bool:
+        return self.num_classes is not None and self.num_classes > self.max_stored_classes
+
+    def _scores(self, outputs: np.ndarray) -> np.ndarray:
+        if outputs.dtype.kind not in "fiu":
+            raise TraceInputError(f"outputs must be numeric scores, got dtype {outputs.dtype}")
+        scores = outputs.astype(np.float32, copy=False)
+        if scores.ndim == 1:
+            scores = scores[:, None]
+        if scores.shape[1] == 1:  # binary model with one output: P(class 1) or its logit
+            column = scores[:, 0]
+            if self._resolve_kind(column[np.isfinite(column)], binary=True) == "probs":
+                scores = np.stack([1.0 - column, column], axis=1)
+            else:
+                scores = np.stack([np.zeros_like(column), column], axis=1)
+        if self.num_classes is None:
+            self.num_classes = scores.shape[1]
+        elif scores.shape[1] != self.num_classes:
+            raise TraceInputError(f"outputs has {scores.shape[1]} columns but earlier batches had "
+                                  f"{self.num_classes}; trace one model head per tracer")
+        if self.output_kind == "auto":
+            self._resolve_kind(scores[np.isfinite(scores).all(axis=1)], binary=False)
+        return scores
+
+    def _resolve_kind(self, finite_scores: np.ndarray, binary: bool) -> str:
+        if self.output_kind == "auto" and len(finite_scores):
+            in_unit = bool(np.all((finite_scores >= 0) & (finite_scores <= 1)))
+            sums_to_one = binary or bool(np.allclose(finite_scores.sum(axis=1), 1.0, atol=1e-3))
+            self.output_kind = "probs" if in_unit and sums_to_one else "logits"
+        return self.output_kind
+
+    @staticmethod
+    def _labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+        if labels.dtype.kind in "USO":
+            raise TraceInputError(f"labels must be integer class indices, got {labels.dtype} values such as "
+                                  f"{labels.reshape(-1)[:1].tolist()}; map class names to indices first")
+        if labels.ndim == 2 and labels.shape[1] == num_classes and labels.shape[1] > 1:
+            one_hot = np.isin(labels, (0, 1)).all() and np.all(labels.sum(axis=1) == 1)
+            if not one_hot:
+                raise TraceInputError("labels look like soft labels (rows of class probabilities); pass hard "
+                                      "class indices (e.g. the original labels before mixup/smoothing)")
+            labels = labels.argmax(axis=1)
+        labels = labels.reshape(len(labels), -1)
+        if labels.shape[1] != 1:
+            raise TraceInputError(f"labels have shape {labels.shape}; pass one class index per sample")
+        labels = labels[:, 0]
+        if labels.dtype.kind == "f":
+            finite = np.isfinite(labels)
+            if not finite.all() or not np.all(labels == np.round(labels)):
+                example = labels[~finite | (labels != np.round(labels))][0]
+                raise TraceInputError(f"labels must be integer class indices, got the value {example!r}; "
+                                      "pass hard class indices (argmax of one-hot or soft targets)")
+        elif labels.dtype.kind not in "iub":
+            raise TraceInputError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        return labels.astype(np.int64)
+
+    @staticmethod
+    def _ids(batch: PendingBatch) -> np.ndarray:
+        if batch.input_ids is None:
+            return row_hashes(to_numpy(batch.inputs))
+        ids = to_numpy(batch.input_ids)
+        if ids.ndim != 1:
+            raise TraceInputError(f"input_ids must be one id per sample (1-D), got shape {ids.shape}")
+        if ids.dtype.kind == "S":
+            ids = np.char.decode(ids, "utf-8")
+        elif ids.dtype.kind == "f":
+            if not np.all(ids == np.round(ids)):
+                raise TraceInputError("input_ids are non-integer floats; pass ints or strings")
+            ids = ids.astype(np.int64)
+        return ids.astype(str).astype(object)
+
+    def _features(self, features: np.ndarray | None, size: int) -> np.ndarray | None:
+        if features is None:
+            return None
+        features = features.reshape(size, -1).astype(np.float32, copy=False)
+        width = features.shape[1]
+        if self.feature_dim is None:
+            self.feature_dim = width
+            if width > self.max_feature_dim:
+                rng = np.random.default_rng(0)
+                self._projection = (rng.standard_normal((width, self.max_feature_dim)) /
+                                    np.sqrt(self.max_feature_dim)).astype(np.float32)
+        elif width != self.feature_dim:
+            raise TraceInputError(f"features have {width} values per sample but earlier batches had "
+                                  f"{self.feature_dim}; capture one fixed layer (feature_layer=)")
+        return features if self._projection is None else features @ self._projection
+
+    def _score_columns(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, pa.Array]:
+        if not self._topk:
+            return {self.output_kind: _fixed_list(scores)}
+        if self.output_kind == "logits":
+            probs = _softmax(scores)
+            label_logit = scores[np.arange(len(scores)), labels]
+            others = scores.copy()
+            others[np.arange(len(scores)), labels] = -np.inf
+            columns = {"logit_margin": pa.array(label_logit - others.max(axis=1), type=pa.float32())}
+        else:
+            probs, columns = scores, {}
+        top = np.argpartition(-probs, self.top_k - 1, axis=1)[:, : self.top_k].astype(np.int32)
+        columns["topk_index"] = _fixed_list(top)
+        columns["topk_prob"] = _fixed_list(np.take_along_axis(probs, top, axis=1).astype(np.float32))
+        columns["label_prob"] = pa.array(probs[np.arange(len(probs)), labels], type=pa.float32())
+        return columns
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted, dtype=np.float64)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
