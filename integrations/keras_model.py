@@ -46,6 +46,7 @@ class KerasForward:
 
     def _patch(self, layer: Any, capture: str) -> None:
         original = layer.call
+        own = "call" in vars(layer)  # an instance attribute already (someone else's patch) or the class method
 
         def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
             output = original(inputs, *args, **kwargs)
@@ -53,7 +54,7 @@ class KerasForward:
             return output
 
         layer.call = call
-        self._patched = (layer, original)
+        self._patched = (layer, original if own else None)
 
     def __call__(self, inputs: Any, training: bool = False, **kwargs: Any) -> tuple[Any, Any]:
         self._features = None
@@ -63,5 +64,8 @@ class KerasForward:
     def remove(self) -> None:
         if self._patched is not None:
             layer, original = self._patched
-            layer.call = original
+            if original is None:
+                del layer.call  # back to the class's call, no bound-method attribute left behind
+            else:
+                layer.call = original
             self._patched = None

@@ -156,9 +156,11 @@ class TraceCore:
         ``input_ids`` identify samples across epochs; without them a content hash of ``inputs``
         is the id. ``n_epoch=None`` records into epoch 0.
         """
+        key = None  # set once epoch and dataset_type are valid: a skipped batch still records its epoch
         try:
             epoch = _validate_epoch(n_epoch)
             validate_name(dataset_type, "dataset_type")
+            key = (dataset_type, epoch)
             if input_ids is None and inputs is None:
                 raise TraceInputError("input_ids is None and no inputs were given to hash: pass input_ids=")
             batch = PendingBatch(outputs, targets, input_ids, features,
@@ -167,11 +169,15 @@ class TraceCore:
         except MLDebuggerError as exc:
             if self.strict or not isinstance(exc, TraceInputError):
                 raise
+            if key is not None:
+                self._recorded.add(key)
             self._skip("invalid_batch", _safe_len(outputs), str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - user tensors can fail in any way; never break training
             if self.strict:
                 raise
+            if key is not None:
+                self._recorded.add(key)
             self._skip("invalid_batch", _safe_len(outputs), f"{type(exc).__name__}: {exc}")
             return
         self._recorded.add((dataset_type, epoch))
@@ -221,9 +227,10 @@ class TraceCore:
             stats = self._stats.copy()
         if failures:
             details = "; ".join(f"{k[0]} epoch {k[1]}: {e}" for k, e in failures[:5])
+            where = getattr(self.sink, "path", self.sink)
             raise TraceWriteError(
                 f"{len(failures)} trace write(s) failed ({details}). Check that the store directory "
-                "(MLD_HOME or store=) is writable and has free space; the rows are kept in memory and "
+                f"{where} (MLD_HOME or store=) is writable and has free space; the rows are kept in memory and "
                 "are written by the next wait_for_save()."
             )
         return stats
@@ -378,6 +385,9 @@ class TraceCore:
             self._spilled_parts.pop(key, None)
             self._written_rows.pop(key, None)
             self._closed.discard(key)
+            with self._lock:  # a retry made the partition durable: earlier failures of it are moot
+                self._write_failures = [(k, e) for k, e in self._write_failures
+                                        if k != key or isinstance(e, _RowsDropped)]
 
     def _write_buffer(self, key: PartitionKey) -> bool:
         tables = self._buffers.get(key)
@@ -403,16 +413,26 @@ class TraceCore:
             dropped = self._buffers[key].pop(0)
             self._buffer_rows[key] -= dropped.num_rows
             self._skip("write_failed", dropped.num_rows, "the store kept failing and the retry buffer is full")
+            with self._lock:  # lost for good: reported by wait_for_save() even after the store recovers
+                self._write_failures.append((key, _RowsDropped(
+                    f"{dropped.num_rows} row(s) dropped because the store kept failing")))
 
     def _record_write_failure(self, key: PartitionKey, exc: BaseException) -> None:
         with self._lock:
             self._stats.write_errors += 1
+            # one pending failure per partition (the latest): retries on every batch must not pile up
+            self._write_failures = [(k, e) for k, e in self._write_failures
+                                    if k != key or isinstance(e, _RowsDropped)]
             self._write_failures.append((key, exc))
             first = "write_failed" not in self._warned
             self._warned.add("write_failed")
         if first:
             warnings.warn(f"mldbg-callbacks could not write traces ({exc}); training goes on and "
                           "wait_for_save() will report it", TraceWarning, stacklevel=2)
+
+
+class _RowsDropped(Exception):
+    """A write failure whose rows were given up (not cleared by a later successful commit)."""
 
 
 @dataclass

@@ -191,7 +191,7 @@ class LocalStore:
         if not base.is_dir():
             return []
         found = [_read_json(p / "result.json") for p in base.iterdir() if (p / "result.json").is_file()]
-        return sorted(found, key=lambda meta: meta.get("created_at", ""))
+        return sorted(found, key=lambda meta: (meta.get("created_at", ""), meta.get("result_name", "")))
 
     def load_result(self, model_name: str, version_name: str, result_name: str) -> tuple[dict, dict[str, pd.DataFrame]]:
         target = self.results_dir(model_name, version_name) / validate_name(result_name, "result_name")
@@ -216,6 +216,12 @@ class RunWriter:
         self.version_name = version_name
         self.path = store.version_dir(model_name, version_name)
         self._part_seq = 0
+        self._writer_id = uuid.uuid4().hex[:8]
+
+    def __setstate__(self, state: dict) -> None:
+        # A pickled/deep-copied writer (e.g. a tracer copied into a spawned worker) must never name its
+        # parts like the original's, or one would overwrite the other's files in the same rank folder.
+        self.__dict__.update(state)
         self._writer_id = uuid.uuid4().hex[:8]
 
     def write_meta(self, meta: dict) -> None:

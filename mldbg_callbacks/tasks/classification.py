@@ -114,7 +114,7 @@ class ClassificationCodec:
             "num_classes": self.num_classes,
             "output_kind": self.output_kind,
             "score_storage": "topk" if self._topk else "dense",
-            "top_k": self.top_k if self._topk else None,
+            "top_k": min(self.top_k, self.num_classes) if self._topk else None,
             "feature_dim": self.feature_dim,
             "stored_feature_dim": None if self.feature_dim is None else min(self.feature_dim, self.max_feature_dim),
         }
@@ -148,7 +148,8 @@ class ClassificationCodec:
     def _resolve_kind(self, finite_scores: np.ndarray, binary: bool) -> str:
         if self.output_kind == "auto" and len(finite_scores):
             in_unit = bool(np.all((finite_scores >= 0) & (finite_scores <= 1)))
-            sums_to_one = binary or bool(np.allclose(finite_scores.sum(axis=1), 1.0, atol=1e-3))
+            # atol covers bfloat16 rounding (8-bit mantissa: a row's sum can be off by ~4e-3)
+            sums_to_one = binary or bool(np.allclose(finite_scores.sum(axis=1), 1.0, atol=1e-2))
             self.output_kind = "probs" if in_unit and sums_to_one else "logits"
         return self.output_kind
 
@@ -219,7 +220,8 @@ class ClassificationCodec:
             columns = {"logit_margin": pa.array(label_logit - others.max(axis=1), type=pa.float32())}
         else:
             probs, columns = scores, {}
-        top = np.argpartition(-probs, self.top_k - 1, axis=1)[:, : self.top_k].astype(np.int32)
+        k = min(self.top_k, probs.shape[1])  # top_k may exceed the number of classes
+        top = np.argpartition(-probs, k - 1, axis=1)[:, :k].astype(np.int32)
         columns["topk_index"] = _fixed_list(top)
         columns["topk_prob"] = _fixed_list(np.take_along_axis(probs, top, axis=1).astype(np.float32))
         columns["label_prob"] = pa.array(probs[np.arange(len(probs)), labels], type=pa.float32())

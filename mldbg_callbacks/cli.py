@@ -1,0 +1,110 @@
+"""``mldbg``: evaluate traces and look at results from a terminal.
+
+    mldbg runs                              models, versions and their saved epochs
+    mldbg evaluate MODEL VERSION [--n-epoch latest|all|N] [--result-name NAME] [--html report.html]
+    mldbg results MODEL VERSION             saved results of a version
+    mldbg show MODEL VERSION RESULT         the summary of one result
+
+Every command takes ``--store DIR`` (default: MLD_HOME, else ./mldbg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from .errors import MLDebuggerError
+
+
+def _n_epoch(value: str) -> str | int | None:
+    if value == "latest":
+        return "latest"
+    if value in ("all", "none", "None"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--n-epoch must be 'latest', 'all' or an epoch number, got {value!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mldbg", description="mldbg-callbacks: evaluate traced training runs")
+    parser.add_argument("--store", default=None, help="store directory (default: MLD_HOME, else ./mldbg)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("runs", help="list models, versions and saved epochs")
+    evaluate = commands.add_parser("evaluate", help="evaluate a model version and save the result")
+    evaluate.add_argument("model_name")
+    evaluate.add_argument("version_name")
+    evaluate.add_argument("--n-epoch", type=_n_epoch, default="latest", help="'latest' (default), 'all' or N")
+    evaluate.add_argument("--result-name", default=None)
+    evaluate.add_argument("--html", default=None, help="also write an HTML report to this path")
+    results = commands.add_parser("results", help="list saved results of a model version")
+    results.add_argument("model_name")
+    results.add_argument("version_name")
+    show = commands.add_parser("show", help="print the summary of a saved result")
+    show.add_argument("model_name")
+    show.add_argument("version_name")
+    show.add_argument("result_name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .evaluation.result import make_console
+
+    console = make_console()
+    try:
+        return _run(args, console)
+    except MLDebuggerError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from .evaluation.result import dataframe_table
+    from .evaluator import Evaluator
+    from .store import resolve_store
+
+    store = resolve_store(args.store)
+    if args.command == "runs":
+        import pandas as pd
+
+        frames = [store.partitions_frame(m, v).assign(model_name=m, version_name=v)
+                  for m in store.list_models() for v in store.list_versions(m)]
+        if not frames:
+            console.print(f"no traces in {store.root}")
+            return 0
+        frame = pd.concat(frames, ignore_index=True)
+        console.print(dataframe_table(frame[["model_name", "version_name", *frame.columns[:-2]]], f"Runs in {store.root}"))
+        return 0
+
+    evaluator = Evaluator(args.model_name, args.version_name, store=store)
+    if args.command == "evaluate":
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("reading traces", total=None)
+
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.update(task, description=stage, completed=done, total=total)
+
+            result = evaluator.request_evaluation(result_name=args.result_name, n_epoch=args.n_epoch,
+                                                  progress=progress)
+        result.get_summary()
+        if args.html:
+            console.print(f"report written to {result.to_html(args.html)}")
+        return 0
+    if args.command == "results":
+        console.print(dataframe_table(evaluator.list_results().astype(str), f"Results of {args.model_name}/{args.version_name}"))
+        return 0
+    if args.command == "show":
+        evaluator.get_result(args.result_name).get_summary()
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Which (dataset_type, n_epoch) partitions an evaluation reads, and what it tells the user about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import NoTracesError
+from ..store.local import Partition
+
+EpochRequest = "str | int | None"
+
+
+@dataclass
+class Selection:
+    """Epochs to evaluate per dataset_type, plus notes for the user (partial commits, fallbacks)."""
+
+    epochs: dict[str, list[int]]
+    notes: list[str] = field(default_factory=list)
+
+
+def select_epochs(partitions: list[Partition], n_epoch: "str | int | None" = "latest") -> Selection:
+    """Apply the epoch-selection rule of docs/analysis.md.
+
+    ``"latest"``: per dataset_type the newest epoch whose ranks all committed (falling back to the
+    newest partially committed one, with a note); an int: that epoch wherever it exists; ``None``:
+    every epoch with committed data.
+    """
+    if not (n_epoch is None or n_epoch == "latest" or (isinstance(n_epoch, int) and not isinstance(n_epoch, bool))):
+        raise ValueError(f"n_epoch must be 'latest', an int or None, got {n_epoch!r}")
+    readable = [p for p in partitions if p.ranks_committed]
+    if not readable:
+        raise NoTracesError("no committed traces yet: call tracer.wait_for_save() after recording"
+                            + (f" (found uncommitted epochs: {sorted({p.n_epoch for p in partitions})})"
+                               if partitions else ""))
+    by_dataset: dict[str, list[Partition]] = {}
+    for partition in readable:
+        by_dataset.setdefault(partition.dataset_type, []).append(partition)
+
+    selection = Selection({})
+    for dataset_type, parts in sorted(by_dataset.items()):
+        parts = sorted(parts, key=lambda p: p.n_epoch)
+        if n_epoch == "latest":
+            complete = [p for p in parts if p.complete]
+            chosen = [complete[-1]] if complete else [parts[-1]]
+            if not complete:
+                selection.notes.append(f"{dataset_type}: no epoch is completely saved; evaluating epoch "
+                                       f"{parts[-1].n_epoch} with the ranks that committed")
+        elif n_epoch is None:
+            chosen = parts
+        else:
+            chosen = [p for p in parts if p.n_epoch == n_epoch]
+        for partition in chosen:
+            if not partition.complete:
+                selection.notes.append(
+                    f"{dataset_type} epoch {partition.n_epoch}: {len(partition.ranks_committed)} of "
+                    f"{max(partition.world_size, len(partition.ranks_committed) + len(partition.ranks_pending))} "
+                    "ranks committed; evaluating what is committed")
+        if chosen:
+            selection.epochs[dataset_type] = [p.n_epoch for p in chosen]
+    if not selection.epochs:
+        available = sorted({p.n_epoch for p in readable})
+        raise NoTracesError(f"n_epoch={n_epoch} has no committed traces; committed epochs: {available}")
+    return selection

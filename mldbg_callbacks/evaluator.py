@@ -1,0 +1,105 @@
+"""Evaluator of the product page: ``from mldbg_callbacks.evaluator import Evaluator``.
+
+    evaluator = Evaluator(model_name="my_model", version_name="v1")
+    result = evaluator.request_evaluation()          # newest completely saved epoch
+    print(result.metrics_summary())
+    evaluator.list_results(); evaluator.get_result(result_name=...)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Callable
+
+import pandas as pd
+
+from . import __version__
+from .evaluation.classification import drop_duplicate_units, load_units, metrics_row, unit_signals
+from .evaluation.result import Result
+from .evaluation.selection import select_epochs
+from .store import LocalStore, resolve_store
+from .store.names import validate_name
+
+__all__ = ["Evaluator", "Result"]
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class Evaluator:
+    """Evaluate the traces of one model version and manage its results.
+
+    Args:
+        model_name, version_name: the names given to the tracer.
+        store: as for the tracers (``None``: MLD_API_ENDPOINT, else MLD_HOME, else ``./mldbg``).
+    """
+
+    def __init__(self, model_name: str, version_name: str, *, store: str | os.PathLike | LocalStore | None = None):
+        self.model_name = validate_name(model_name, "model_name")
+        self.version_name = validate_name(version_name, "version_name")
+        self.store = resolve_store(store)
+
+    def request_evaluation(self, result_name: str | None = None, n_epoch: str | int | None = "latest",
+                           progress: ProgressCallback | None = None) -> Result:
+        """Evaluate ``n_epoch`` (``"latest"``, an int, or ``None`` for every epoch) and persist the result.
+
+        A result with the same ``result_name`` is replaced. ``progress(stage, done, total)`` is called
+        as datasets are processed.
+        """
+        meta = self.store.read_meta(self.model_name, self.version_name)
+        if meta.get("task") != "classification":
+            raise NotImplementedError(f"evaluation of {meta.get('task')!r} traces is not available in this version")
+        selection = select_epochs(self.store.partitions(self.model_name, self.version_name), n_epoch)
+        notes = list(selection.notes)
+        samples, metrics = [], []
+        total = len(selection.epochs)
+        for done, (dataset_type, epochs) in enumerate(selection.epochs.items()):
+            if progress:
+                progress(f"evaluating {dataset_type}", done, total)
+            table = self.store.read_traces(self.model_name, self.version_name, dataset_type, epochs)
+            units, duplicates = drop_duplicate_units(load_units(table, meta))
+            if duplicates:
+                notes.append(f"{dataset_type}: {duplicates} duplicate input_id(s) across ranks removed "
+                             "(distributed sampler padding)")
+            for epoch in epochs:
+                epoch_units = units.take((units.n_epoch == epoch).nonzero()[0])
+                frame = unit_signals(epoch_units)
+                frame.insert(0, "dataset_type", dataset_type)
+                samples.append(frame)
+                metrics.append({**metrics_row(dataset_type, epoch_units, frame), "n_epoch": epoch})
+        if progress:
+            progress("saving", total, total)
+        name = validate_name(result_name, "result_name") if result_name else self._new_result_name(n_epoch)
+        result_meta = {
+            "result_name": name, "model_name": self.model_name, "version_name": self.version_name,
+            "task": meta["task"], "n_epoch": n_epoch, "epochs": selection.epochs, "notes": notes,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "package_version": __version__,
+        }
+        tables = {"samples": pd.concat(samples, ignore_index=True), "metrics": pd.DataFrame(metrics)}
+        self.store.save_result(self.model_name, self.version_name, name, result_meta, tables)
+        return Result(result_meta, tables)
+
+    def list_results(self) -> pd.DataFrame:
+        """Saved results, oldest first: name, creation time, requested and evaluated epochs."""
+        rows = [{"result_name": m["result_name"], "created_at": m["created_at"],
+                 "n_epoch": "all" if m["n_epoch"] is None else m["n_epoch"],
+                 "epochs": m["epochs"]} for m in self.store.list_results(self.model_name, self.version_name)]
+        return pd.DataFrame(rows, columns=["result_name", "created_at", "n_epoch", "epochs"])
+
+    def get_result(self, result_name: str) -> Result:
+        """Load a saved result by name."""
+        meta, tables = self.store.load_result(self.model_name, self.version_name, result_name)
+        return Result(meta, tables)
+
+    def _new_result_name(self, n_epoch: str | int | None) -> str:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        label = "all" if n_epoch is None else "latest" if n_epoch == "latest" else f"e{n_epoch}"
+        base = f"{self.version_name}-{stamp}-{label}"
+        existing = {m["result_name"] for m in self.store.list_results(self.model_name, self.version_name)}
+        name, k = base, 1
+        while name in existing:
+            k += 1
+            name = f"{base}-{k}"
+        return name
+
