@@ -69,6 +69,38 @@ def summary_us(seconds: list[float]) -> dict:
             "p90_us": pct(us, 90), "p99_us": pct(us, 99), "max_us": max(us) if us else None}
 
 
+def cpu_snapshot():
+    """(machine busy CPU s, this process's CPU s, wall s), or None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / tick, time.process_time(), time.perf_counter()
+
+
+def foreign_cpu(before, after) -> float | None:
+    """Average number of cores used by other processes between two snapshots."""
+    if before is None or after is None:
+        return None
+    busy = after[0] - before[0]
+    own = after[1] - before[1]
+    return max(0.0, busy - own) / (after[2] - before[2])
+
+
+def wait_quiet(max_s: float, threshold: float = 0.15) -> float | None:
+    """Wait (up to max_s) until other processes use less than ``threshold`` cores over 2 s."""
+    deadline = time.perf_counter() + max_s
+    while True:
+        a = cpu_snapshot(); time.sleep(2.0); b = cpu_snapshot()
+        load = foreign_cpu(a, b)
+        if load is None or load < threshold or time.perf_counter() > deadline:
+            return load
+        log(f"other processes use {load:.2f} cores; waiting for a quiet machine")
+
+
 # -- setup -------------------------------------------------------------------------------------
 class Setup:
     def __init__(self, batches_per_epoch: int, seed: int, lr: float, optimizer: str):
@@ -99,12 +131,15 @@ class Setup:
         return self.x[idx], self.y[idx], idx
 
 
-def run_epoch(s: Setup, tracer: ClassificationTracer | None, epoch: int, call_times: list | None = None) -> float:
-    """One training epoch; returns its wall time. ``call_times`` gets the time of each model/tracer call."""
+def run_epoch(s: Setup, tracer: ClassificationTracer | None, epoch: int, call_times: list | None = None,
+              cpu_times: list | None = None) -> float:
+    """One training epoch; returns its wall time. ``call_times`` gets the time of each model/tracer call,
+    ``cpu_times`` the CPU time of the whole process during the epoch (all threads)."""
     perm = s.epoch_order()
     model, opt, loss_fn = s.model, s.opt, s.loss_fn
     model.train()
     clock = time.perf_counter
+    cpu0 = time.process_time()
     start = clock()
     for b in range(s.batches):
         x, y, ids = s.batch(perm, b)
@@ -120,14 +155,19 @@ def run_epoch(s: Setup, tracer: ClassificationTracer | None, epoch: int, call_ti
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return clock() - start
+    wall = clock() - start
+    if cpu_times is not None:
+        cpu_times.append(time.process_time() - cpu0)
+    return wall
 
 
 # -- 1. training loop, plain vs traced ----------------------------------------------------------
 def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: int) -> dict:
     plain, traced, waits, traced_with_wait = [], [], [], []
     plain_calls, traced_calls = [], []
+    plain_cpu, traced_cpu, wait_cpu = [], [], []
     epoch_no = 0
+    snap0 = cpu_snapshot()
     log("warm-up: 1 plain + 1 traced epoch")
     run_epoch(s, None, 0)
     run_epoch(s, tracer, epoch_no)
@@ -137,20 +177,22 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
         for _ in range(epochs):
             for kind in order:
                 if kind == "plain":
-                    dt = run_epoch(s, None, 0, plain_calls)
+                    dt = run_epoch(s, None, 0, plain_calls, plain_cpu)
                     plain.append(dt)
                 else:
                     epoch_no += 1
-                    dt = run_epoch(s, tracer, epoch_no, traced_calls)
-                    t0 = time.perf_counter()
+                    dt = run_epoch(s, tracer, epoch_no, traced_calls, traced_cpu)
+                    t0, c0 = time.perf_counter(), time.process_time()
                     tracer.wait_for_save(n_epoch=epoch_no)
                     w = time.perf_counter() - t0
+                    wait_cpu.append(time.process_time() - c0)
                     traced.append(dt)
                     waits.append(w)
                     traced_with_wait.append(dt + w)
         log(f"round {r + 1}/{rounds}: plain {median(plain):.3f}s traced {median(traced):.3f}s "
             f"wait {median(waits):.3f}s (medians so far)")
     mp, mt, mw = median(plain), median(traced), median(traced_with_wait)
+    other = foreign_cpu(snap0, cpu_snapshot())
     return {
         "rounds": rounds, "epochs_per_round_per_variant": epochs,
         "batches_per_epoch": s.batches, "samples_per_epoch": s.n,
@@ -162,6 +204,13 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
         "ratio_traced_incl_wait_over_plain": mw / mp,
         "min_ratio_traced_over_plain": min(traced) / min(plain),
         "plain_samples_per_s": s.n / mp, "traced_samples_per_s": s.n / mt,
+        "process_cpu_s_per_epoch": {"plain": median(plain_cpu), "traced": median(traced_cpu),
+                                    "wait_for_save": median(wait_cpu)},
+        "cpu_utilisation": {"plain": median([c / w for c, w in zip(plain_cpu, plain)]),
+                            "traced": median([c / w for c, w in zip(traced_cpu, traced)]),
+                            "note": "process CPU s / wall s; ~cpu_count when nothing else runs"},
+        "extra_cpu_us_per_sample": (median(traced_cpu) + median(wait_cpu) - median(plain_cpu)) / s.n * 1e6,
+        "other_processes_avg_cores": other,
         "target_ratio": 1.05, "meets_target": mt / mp <= 1.05,
         "in_loop_model_call": summary_us(plain_calls),
         "in_loop_tracer_call": summary_us(traced_calls),
@@ -360,6 +409,8 @@ def main(argv=None) -> dict:
     p.add_argument("--worker-batches", type=int, default=None,
                    help="batches recorded for the worker throughput test (default 2 x batches-per-epoch)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: training,thread,storage,worker")
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="wait up to this many seconds for other processes to go quiet before starting")
     p.add_argument("--keep-store", action="store_true", help="do not delete the temporary store")
     args = p.parse_args(argv)
     if args.quick:
@@ -368,6 +419,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    other_at_start = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     store_root = Path(tempfile.mkdtemp(prefix="mldbg-overhead-"))
     result: dict = {
         "benchmark": "mldbg_callbacks tracer overhead",
@@ -385,6 +437,7 @@ def main(argv=None) -> dict:
             "torch_num_interop_threads": torch.get_num_interop_threads(),
             "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "other_processes_cores_at_start": other_at_start,
             "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "parquet_options": dict(local_store.PARQUET_OPTIONS),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ class TorchForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         self._features = None
+        if len(args) == 1 and isinstance(args[0], Mapping):  # a batch dict (Hugging Face style): keyword inputs
+            args, kwargs = (), {**args[0], **kwargs}
         if self._auto:
             return self._first_call(*args, **kwargs)
         outputs = self.model(*args, **kwargs)

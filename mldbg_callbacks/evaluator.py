@@ -15,7 +15,7 @@ from typing import Callable
 import pandas as pd
 
 from . import __version__
-from .evaluation.classification import drop_duplicate_units, load_units, metrics_row, unit_signals
+from .evaluation.pipeline import evaluate_classification
 from .evaluation.result import Result
 from .evaluation.selection import select_epochs
 from .store import LocalStore, resolve_store
@@ -40,43 +40,40 @@ class Evaluator:
         self.store = resolve_store(store)
 
     def request_evaluation(self, result_name: str | None = None, n_epoch: str | int | None = "latest",
-                           progress: ProgressCallback | None = None) -> Result:
+                           risk: float = 0.05, progress: ProgressCallback | None = None) -> Result:
         """Evaluate ``n_epoch`` (``"latest"``, an int, or ``None`` for every epoch) and persist the result.
 
-        A result with the same ``result_name`` is replaced. ``progress(stage, done, total)`` is called
-        as datasets are processed.
+        ``risk``: the error rate tolerated among accepted predictions; it sets the operating thresholds
+        of the issue categories (docs/analysis.md). A result with the same ``result_name`` is replaced.
+        ``progress(stage, done, total)`` is called as the evaluation advances.
         """
         meta = self.store.read_meta(self.model_name, self.version_name)
         if meta.get("task") != "classification":
             raise NotImplementedError(f"evaluation of {meta.get('task')!r} traces is not available in this version")
-        selection = select_epochs(self.store.partitions(self.model_name, self.version_name), n_epoch)
-        notes = list(selection.notes)
-        samples, metrics = [], []
-        total = len(selection.epochs)
-        for done, (dataset_type, epochs) in enumerate(selection.epochs.items()):
-            if progress:
-                progress(f"evaluating {dataset_type}", done, total)
-            table = self.store.read_traces(self.model_name, self.version_name, dataset_type, epochs)
-            units, duplicates = drop_duplicate_units(load_units(table, meta))
-            if duplicates:
-                notes.append(f"{dataset_type}: {duplicates} duplicate input_id(s) across ranks removed "
-                             "(distributed sampler padding)")
-            for epoch in epochs:
-                epoch_units = units.take((units.n_epoch == epoch).nonzero()[0])
-                frame = unit_signals(epoch_units)
-                frame.insert(0, "dataset_type", dataset_type)
-                samples.append(frame)
-                metrics.append({**metrics_row(dataset_type, epoch_units, frame), "n_epoch": epoch})
+        partitions = self.store.partitions(self.model_name, self.version_name)
+        selection = select_epochs(partitions, n_epoch)
+        committed: dict[str, list[int]] = {}
+        for partition in partitions:
+            if partition.ranks_committed:
+                committed.setdefault(partition.dataset_type, []).append(partition.n_epoch)
+
+        def read(dataset_type: str, epoch: int, with_features: bool):
+            return self.store.read_traces(self.model_name, self.version_name, dataset_type, [epoch],
+                                          exclude_columns=() if with_features else ("features",))
+
+        evaluation = evaluate_classification(read, meta, selection.epochs, committed, risk=risk, progress=progress)
         if progress:
-            progress("saving", total, total)
+            progress("saving", 1, 1)
         name = validate_name(result_name, "result_name") if result_name else self._new_result_name(n_epoch)
         result_meta = {
             "result_name": name, "model_name": self.model_name, "version_name": self.version_name,
-            "task": meta["task"], "n_epoch": n_epoch, "epochs": selection.epochs, "notes": notes,
+            "task": meta["task"], "n_epoch": n_epoch, "risk": risk, "epochs": selection.epochs,
+            "notes": selection.notes + evaluation.notes, "thresholds": evaluation.thresholds,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__,
         }
-        tables = {"samples": pd.concat(samples, ignore_index=True), "metrics": pd.DataFrame(metrics)}
+        tables = {"samples": evaluation.samples, "metrics": evaluation.metrics,
+                  "categories": evaluation.categories, "history": evaluation.history}
         self.store.save_result(self.model_name, self.version_name, name, result_meta, tables)
         return Result(result_meta, tables)
 

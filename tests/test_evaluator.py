@@ -58,8 +58,13 @@ def test_metrics_summary_matches_reference_implementations(store_dir, rng):
     assert row["net_entropy_loss"] == pytest.approx(log_loss(labels, probs, normalize=False, labels=range(7)), rel=1e-5)
     assert row["net_entropy"] == pytest.approx(entropy(probs, axis=1).sum(), rel=1e-5)
     wrong = pred != labels
-    assert row["error_proba_auroc"] == pytest.approx(roc_auc_score(wrong, 1 - probs.max(1)), abs=1e-6)
-    assert row["error_proba_auprc"] == pytest.approx(average_precision_score(wrong, 1 - probs.max(1)), abs=1e-6)
+    samples = result.samples().assign(i=lambda f: f["input_id"].astype(int)).sort_values("i")
+    np.testing.assert_array_equal(~samples["correct"].to_numpy(), wrong)
+    assert row["error_proba_auroc"] == pytest.approx(roc_auc_score(wrong, samples["error_proba"]), abs=1e-9)
+    assert row["error_proba_auprc"] == pytest.approx(average_precision_score(wrong, samples["error_proba"]), abs=1e-9)
+    baseline = result.error_proba_summary().iloc[0]
+    assert baseline["baseline_error_proba_auroc"] == pytest.approx(roc_auc_score(wrong, 1 - probs.max(1)), abs=1e-6)
+    assert baseline["baseline_error_proba_auprc"] == pytest.approx(average_precision_score(wrong, 1 - probs.max(1)), abs=1e-6)
 
 
 def test_macro_scores_use_only_classes_present(store_dir, rng):

@@ -229,13 +229,17 @@ def test_reader_uses_only_parts_listed_in_the_marker(tmp_path):
     committed = writer.write_part("train", 0, 0, small_table(["a", "b", "c"]))
     writer.commit("train", 0, 0, [committed], 3, 1)
     orphan = writer.write_part("train", 0, 0, small_table(["x", "y"]))  # e.g. spilled, then the process died
-    assert (rank_dir(tmp_path) / orphan).is_file()
+    assert (rank_dir(tmp_path) / f"_pending-{orphan}").is_file()
+    assert not (rank_dir(tmp_path) / orphan).exists()
     assert json.loads((rank_dir(tmp_path) / "_COMMITTED").read_text())["parts"] == [committed]
 
     table = store.read_traces(MODEL, VERSION, "train", [0])
     assert sorted(table.column("input_id").to_pylist()) == ["a", "b", "c"]
     (partition,) = store.partitions(MODEL, VERSION)
     assert partition.rows == 3 and partition.complete
+    # readers that know nothing of _COMMITTED skip the pending part too (pyarrow ignores '_' prefixes)
+    plain = ds.dataset(tmp_path / MODEL / VERSION / "traces", format="parquet", partitioning="hive").to_table()
+    assert sorted(plain.column("input_id").to_pylist()) == ["a", "b", "c"]
 
 
 def test_commits_accumulate_parts_and_rows(tmp_path):

@@ -384,7 +384,9 @@ class TraceCore:
                 continue
             self._spilled_parts.pop(key, None)
             self._written_rows.pop(key, None)
-            self._closed.discard(key)
+            if key in self._closed:  # a newer epoch started: no more rows (and duplicates) expected here
+                self._closed.discard(key)
+                self._seen_ids.pop(key, None)
             with self._lock:  # a retry made the partition durable: earlier failures of it are moot
                 self._write_failures = [(k, e) for k, e in self._write_failures
                                         if k != key or isinstance(e, _RowsDropped)]

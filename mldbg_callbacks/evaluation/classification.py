@@ -108,6 +108,7 @@ def unit_signals(units: ClassificationUnits) -> pd.DataFrame:
     p_label = probs[rows, label]
     others = probs.copy()
     others[rows, label] = -np.inf
+    top2 = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:] if probs.shape[1] > 1 else np.c_[probs, probs]
     frame = pd.DataFrame({
         "input_id": units.input_id,
         "n_epoch": units.n_epoch,
@@ -116,6 +117,8 @@ def unit_signals(units: ClassificationUnits) -> pd.DataFrame:
         "loss": -np.log(np.clip(p_label, _EPS, 1.0)),
         "entropy": entr(probs).sum(axis=1),
         "msp": probs.max(axis=1),
+        "top2_gap": top2[:, 1] - top2[:, 0],
+        "p_label": p_label,
         "margin": p_label - others.max(axis=1),
     })
     frame["correct"] = frame["pred"].to_numpy() == label
@@ -127,7 +130,6 @@ def unit_signals(units: ClassificationUnits) -> pd.DataFrame:
         frame["logit_margin"] = units.logit_margin
     else:
         frame["logit_margin"] = np.nan
-    frame["error_proba"] = 1.0 - frame["msp"]  # baseline; the cross-fitted estimator replaces it
     return frame
 
 
@@ -169,9 +171,10 @@ def _binary_scores(wrong: np.ndarray, score: np.ndarray) -> tuple[float, float]:
 
 
 def metrics_row(dataset: str, units: ClassificationUnits, samples: pd.DataFrame) -> dict:
-    """One row of metrics_summary() for one dataset (and epoch)."""
+    """One row of metrics_summary() for one dataset (and epoch), plus the 1 - msp baseline's scores."""
     wrong = ~samples["correct"].to_numpy()
     ep_auroc, ep_auprc = _binary_scores(wrong, samples["error_proba"].to_numpy())
+    base_auroc, base_auprc = _binary_scores(wrong, 1.0 - samples["msp"].to_numpy())
     return {
         "dataset": dataset,
         "counts": int(len(samples)),
@@ -182,4 +185,6 @@ def metrics_row(dataset: str, units: ClassificationUnits, samples: pd.DataFrame)
         "net_entropy": float(samples["entropy"].sum()),
         "error_proba_auroc": ep_auroc,
         "error_proba_auprc": ep_auprc,
+        "baseline_error_proba_auroc": base_auroc,
+        "baseline_error_proba_auprc": base_auprc,
     }

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from .classification import METRIC_COLUMNS
+from .issues import CATEGORY_SUMMARY_ORDER, CLASSIFICATION_CODES
+from .label_tracker import LabelTrackerFrame, label_tracker
+
+CATEGORY_COLUMNS = [f"{c}_ratio" for c in CATEGORY_SUMMARY_ORDER]
+MAX_EXAMPLES = 10
 
 
 class Result:
     """The outcome of ``Evaluator.request_evaluation()``, persisted in the store under its name.
 
-    ``metrics_summary()`` has one row per dataset_type (and per epoch when several were evaluated);
-    ``samples()`` has one row per unit with every per-unit signal.
+    Tables: ``metrics_summary()`` and ``issue_category_summary()`` (one row per dataset_type, and per
+    epoch when several were evaluated), ``samples()`` (one row per unit with every per-unit signal,
+    category and error code), ``get_issues()`` (one row per error code), ``get_view()`` (any grouping).
     """
 
     def __init__(self, meta: dict, tables: dict[str, pd.DataFrame]):
@@ -45,43 +52,175 @@ class Result:
         """What the evaluation wants you to know (partial commits, fallbacks, removed duplicates)."""
         return list(self.meta.get("notes", []))
 
+    @property
+    def thresholds(self) -> pd.DataFrame:
+        """Operating thresholds per dataset and epoch: reference set, tau_op, tau_stable, risk."""
+        return pd.DataFrame(self.meta.get("thresholds", []))
+
     def __repr__(self) -> str:
         return (f"Result({self.result_name!r}, model={self.model_name!r}, version={self.version_name!r}, "
                 f"epochs={self.epochs})")
 
+    def _several_epochs(self) -> bool:
+        metrics = self._tables["metrics"]
+        return bool(metrics.groupby("dataset")["n_epoch"].nunique().max() > 1)
+
+    def _keys(self) -> list[str]:
+        return ["dataset", "n_epoch"] if self._several_epochs() else ["dataset"]
+
     # -- tables ---------------------------------------------------------------------------------
     def metrics_summary(self) -> pd.DataFrame:
         """dataset, counts, accuracy, auroc, auprc, net_entropy_loss, net_entropy, error_proba_auroc,
-        error_proba_auprc (definitions in docs/analysis.md); ``n_epoch`` is added after ``dataset``
-        when several epochs of one dataset were evaluated (``n_epoch=None``)."""
-        metrics = self._tables["metrics"].copy()
-        if metrics.groupby("dataset")["n_epoch"].nunique().max() > 1:
-            return metrics[["dataset", "n_epoch", *METRIC_COLUMNS[1:]]].reset_index(drop=True)
-        return metrics[METRIC_COLUMNS].reset_index(drop=True)
+        error_proba_auprc (definitions in docs/analysis.md); ``n_epoch`` follows ``dataset`` when
+        several epochs of one dataset were evaluated (``n_epoch=None``)."""
+        return self._tables["metrics"][[*self._keys(), *METRIC_COLUMNS[1:]]].reset_index(drop=True)
+
+    def issue_category_summary(self) -> pd.DataFrame:
+        """Share of units in each of the six categories per dataset (and epoch); rows sum to 1."""
+        return self._tables["categories"][[*self._keys(), *CATEGORY_COLUMNS]].reset_index(drop=True)
 
     def samples(self) -> pd.DataFrame:
         """One row per unit (dataset_type, n_epoch, input_id) with every per-unit signal."""
         return self._tables["samples"].copy()
 
+    def error_proba_summary(self) -> pd.DataFrame:
+        """How well error_proba separates wrong from right predictions, estimator vs the 1 - msp baseline."""
+        metrics = self._tables["metrics"]
+        return metrics[[*self._keys(), "error_proba_auroc", "baseline_error_proba_auroc", "error_proba_auprc",
+                        "baseline_error_proba_auprc"]].reset_index(drop=True)
+
+    def get_issues(self) -> pd.DataFrame:
+        """One row per dataset_type, category and error code, most frequent first within a dataset.
+
+        Columns: dataset, [n_epoch], category, error_code, count, ratio (of the dataset's units),
+        description, recommendation, top_labels, confused_pairs (label->prediction), top_regions,
+        examples (up to 10 input_ids, most severe first: highest loss for errors, highest error_proba
+        otherwise).
+        """
+        samples = self._tables["samples"].rename(columns={"dataset_type": "dataset"})
+        keys = self._keys()
+        totals = samples.groupby(keys).size()
+        rows = []
+        ranked = samples.assign(_severity=np.where(samples["correct"], samples["error_proba"], 1.0 + samples["loss"]))
+        ranked = ranked.sort_values(["_severity", "input_id"], ascending=[False, True], kind="stable")
+        for group, units in ranked.groupby([*keys, "category", "error_code"], sort=False):
+            key = dict(zip([*keys, "category", "error_code"], group))
+            code = CLASSIFICATION_CODES.get(key["error_code"])
+            wrong = units[~units["correct"]]
+            rows.append({
+                **key,
+                "count": len(units),
+                "ratio": len(units) / totals[tuple(key[k] for k in keys) if len(keys) > 1 else key[keys[0]]],
+                "description": code.description if code else "",
+                "recommendation": code.recommendation if code else "",
+                "top_labels": _top(units["label"]),
+                "confused_pairs": _top(wrong["label"].astype(str) + "->" + wrong["pred"].astype(str)),
+                "top_regions": _top(units["region"]) if "region" in units else "",
+                "examples": units["input_id"].head(MAX_EXAMPLES).tolist(),
+            })
+        issues = pd.DataFrame(rows)
+        if issues.empty:
+            return issues
+        return issues.sort_values([*keys, "count"], ascending=[True] * len(keys) + [False], kind="stable").reset_index(drop=True)
+
+    def get_view(self, groupby: str | Iterable[str], adjustby: str | None = None) -> pd.DataFrame:
+        """Count units by any columns of ``samples()`` (``dataset`` is accepted for ``dataset_type``).
+
+        With ``adjustby``, ``ratio`` is each count divided by the total of its ``adjustby`` group (e.g.
+        ``groupby=["category", "error_code"], adjustby="category"``: the error-code mix of each
+        category); without it, by the dataset's total. Counts are per dataset (and epoch).
+        """
+        groupby = [groupby] if isinstance(groupby, str) else list(groupby)
+        samples = self._tables["samples"].rename(columns={"dataset_type": "dataset"})
+        unknown = [c for c in [*groupby, *([adjustby] if adjustby else [])] if c not in samples.columns]
+        if unknown:
+            raise KeyError(f"unknown column(s) {unknown}; choose from {sorted(samples.columns)}")
+        keys = [k for k in self._keys() if k not in groupby]
+        view = samples.groupby([*keys, *groupby], dropna=False).size().rename("count").reset_index()
+        normaliser = [*keys, *([adjustby] if adjustby else [])]
+        view["ratio"] = view["count"] / view.groupby(normaliser)["count"].transform("sum") if normaliser else \
+            view["count"] / view["count"].sum()
+        return view
+
+    def confusion_pairs(self, dataset_type: str | None = None, top: int = 10) -> pd.DataFrame:
+        """The most frequent (label, pred) errors with their counts and share of the label's samples."""
+        samples = self._tables["samples"]
+        if dataset_type is not None:
+            samples = samples[samples["dataset_type"] == dataset_type]
+        per_label = samples.groupby(["dataset_type", "n_epoch", "label"]).size().rename("label_count")
+        pairs = (samples[~samples["correct"]].groupby(["dataset_type", "n_epoch", "label", "pred"]).size()
+                 .rename("count").reset_index().join(per_label, on=["dataset_type", "n_epoch", "label"]))
+        pairs["share_of_label"] = pairs["count"] / pairs["label_count"]
+        return (pairs.sort_values(["dataset_type", "n_epoch", "count"], ascending=[True, True, False], kind="stable")
+                .groupby(["dataset_type", "n_epoch"]).head(top).drop(columns="label_count").reset_index(drop=True))
+
+    def label_tracker(self, metric: str = "loss", bounds: str | None | list = "std",
+                      label_mapping: dict | None = None, dataset_type: str = "train") -> LabelTrackerFrame:
+        """Per label and epoch, the mean of a per-unit metric with bounds (FastEstimator's LabelTracker).
+
+        ``bounds``: ``"std"`` (mean ± std), ``"range"`` (min and max), ``None``, or a list of those.
+        ``label_mapping = {display_name: label_value}`` keeps only those labels, renamed. Call
+        ``.plot()`` on the returned frame to draw it.
+        """
+        return label_tracker(self._tables["history"], metric=metric, bounds=bounds, label_mapping=label_mapping,
+                             dataset_type=dataset_type)
+
+    def compare(self, other: "Result") -> pd.DataFrame:
+        """Metrics and category ratios of this result and ``other`` side by side, with the difference."""
+        columns = [*METRIC_COLUMNS[1:], *CATEGORY_COLUMNS]
+        mine = self._flat(columns)
+        theirs = other._flat(columns)
+        both = mine.join(theirs, how="outer", lsuffix="_a", rsuffix="_b")
+        both.columns = [self._label(), other._label() if other._label() != self._label() else other._label() + " (2)"]
+        both["delta"] = both.iloc[:, 1] - both.iloc[:, 0]
+        return both.reset_index()
+
+    def _label(self) -> str:
+        return f"{self.version_name}:{self.result_name}"
+
+    def _flat(self, columns: list[str]) -> pd.DataFrame:
+        merged = self._tables["metrics"].merge(self._tables["categories"], on=["dataset", "n_epoch"])
+        long = merged.melt(id_vars=["dataset", "n_epoch"], value_vars=columns, var_name="metric")
+        long = long.drop(columns="n_epoch") if not self._several_epochs() else long
+        return long.set_index([c for c in ["dataset", "n_epoch", "metric"] if c in long.columns])
+
     # -- presentation ---------------------------------------------------------------------------
     def get_summary(self, print_summary: bool = True) -> dict[str, Any]:
-        """Print the metrics (and notes) and return them as data."""
-        summary = {"metrics": self.metrics_summary(), "notes": self.notes, "epochs": self.epochs}
+        """Print metrics, error_proba quality, categories and each category's error codes; return them."""
+        view = self.get_view(["category", "error_code"], adjustby="category") if len(self._tables["samples"]) else None
+        summary = {"metrics": self.metrics_summary(), "error_proba": self.error_proba_summary(),
+                   "categories": self.issue_category_summary(), "error_codes": view, "notes": self.notes,
+                   "epochs": self.epochs}
         if print_summary:
             console = make_console()
             console.print(f"[bold]{self.model_name}/{self.version_name}[/bold] — result {self.result_name!r}, "
-                          f"epochs {self.epochs}")
+                          f"epochs {self.epochs}, risk {self.meta.get('risk')}")
             console.print(dataframe_table(summary["metrics"], "Metrics"))
+            console.print(dataframe_table(summary["error_proba"], "error_proba: estimator vs 1 - msp baseline"))
+            console.print(dataframe_table(summary["categories"], "Issue categories (share of units)"))
+            if view is not None:
+                console.print(dataframe_table(view, "Error codes within each category"))
             for note in self.notes:
                 console.print(f"[yellow]note:[/yellow] {note}")
         return summary
 
     def _repr_html_(self) -> str:
+        def table(frame: pd.DataFrame, title: str) -> str:
+            return f"<h4>{html.escape(title)}</h4>" + frame.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
-        return (f"<h3>{html.escape(self.model_name)}/{html.escape(self.version_name)} — "
-                f"{html.escape(self.result_name)}</h3>"
-                + self.metrics_summary().to_html(index=False, float_format=lambda v: f"{v:.4g}")
-                + (f"<ul>{notes}</ul>" if notes else ""))
+        parts = [f"<h3>{html.escape(self.model_name)}/{html.escape(self.version_name)} — "
+                 f"{html.escape(self.result_name)}</h3>",
+                 table(self.metrics_summary(), "Metrics"),
+                 table(self.error_proba_summary(), "error_proba: estimator vs 1 - msp baseline"),
+                 table(self.issue_category_summary(), "Issue categories")]
+        if len(self._tables["samples"]):
+            parts.append(table(self.get_view(["category", "error_code"], adjustby="category"), "Error codes"))
+            issues = self.get_issues()[[*self._keys(), "category", "error_code", "count", "recommendation", "examples"]]
+            parts.append(table(issues, "Issues"))
+        if notes:
+            parts.append(f"<ul>{notes}</ul>")
+        return "".join(parts)
 
     def to_html(self, path: str | Path) -> Path:
         """Write a self-contained HTML report and return its path."""
@@ -92,6 +231,11 @@ class Result:
                         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style>"
                         + self._repr_html_(), encoding="utf-8")
         return path
+
+
+def _top(values: pd.Series, n: int = 3) -> str:
+    counts = values.value_counts()
+    return ", ".join(f"{k} ({v})" for k, v in counts.head(n).items())
 
 
 def dataframe_table(frame: pd.DataFrame, title: str | None = None):

@@ -8,9 +8,10 @@ Layout (Parquet is the contract: DuckDB, pandas, Spark and Polars read a run wit
     <root>/<model>/<version>/results/<result_name>/{result.json, samples.parquet, ...}
 
 Every file is written under a temporary name, fsync'ed and renamed, so a reader never sees half a
-file. ``_COMMITTED`` (JSON) lists the parts a rank made durable and the world size it ran with; a
-reader uses only listed parts, so parts spilled by an epoch still running (or by a crashed run) stay
-invisible. An epoch is *complete* when as many ranks committed as the largest world size recorded.
+file. Parts spilled before their epoch commits carry a ``_pending-`` prefix, which Parquet readers
+skip; committing renames them and writes ``_COMMITTED`` (JSON): the parts a rank made durable and the
+world size it ran with. This package's reader uses only listed parts, so parts of an epoch still
+running (or of a crashed run) stay invisible. An epoch is *complete* when as many ranks committed as the largest world size recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..errors import NoTracesError
 from .names import validate_name
 
 COMMIT_MARKER = "_COMMITTED"
+PENDING_PREFIX = "_pending-"
 META_FILE = "_meta.json"
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3}
 
@@ -129,7 +131,7 @@ class LocalStore:
                         committed.append(rank)
                         world = max(world, int(info.get("world_size", 1)))
                         rows += int(info.get("rows", 0))
-                    elif any(rank_dir.glob("*.parquet")):
+                    elif any(rank_dir.glob("*.parquet")):  # pending parts of an unfinished epoch
                         pending.append(rank)
                 found.append(Partition(dataset_dir.name.split("=", 1)[1], int(epoch_dir.name.split("=", 1)[1]),
                                        tuple(sorted(committed)), tuple(sorted(pending)), world, rows))
@@ -144,8 +146,12 @@ class LocalStore:
 
     # -- reading --------------------------------------------------------------------------------
     def read_traces(self, model_name: str, version_name: str, dataset_type: str,
-                    epochs: Iterable[int]) -> pa.Table:
-        """Committed rows of the given epochs, with ``n_epoch`` and ``rank`` columns added."""
+                    epochs: Iterable[int], exclude_columns: Iterable[str] = ()) -> pa.Table:
+        """Committed rows of the given epochs, with ``n_epoch`` and ``rank`` columns added.
+
+        ``exclude_columns`` are not read at all (e.g. ``features`` when only scores are needed).
+        """
+        exclude = set(exclude_columns)
         base = self.version_dir(model_name, version_name) / "traces" / f"dataset_type={validate_name(dataset_type, 'dataset_type')}"
         tables = []
         for epoch in epochs:
@@ -155,7 +161,9 @@ class LocalStore:
                     continue
                 rank = int(rank_dir.name.split("=", 1)[1])
                 for part in _read_json(marker)["parts"]:
-                    table = pq.read_table(rank_dir / part)
+                    path = rank_dir / part
+                    columns = [c for c in pq.read_schema(path).names if c not in exclude] if exclude else None
+                    table = pq.read_table(path, columns=columns)
                     table = table.append_column("n_epoch", pa.array([int(epoch)] * table.num_rows, pa.int64()))
                     tables.append(table.append_column("rank", pa.array([rank] * table.num_rows, pa.int64())))
         if not tables:
@@ -240,15 +248,24 @@ class RunWriter:
                 / f"n_epoch={int(n_epoch)}" / f"rank={int(rank)}")
 
     def write_part(self, dataset_type: str, n_epoch: int, rank: int, table: pa.Table) -> str:
+        """Write a part under a hidden name (``_pending-…``): Parquet readers that do not look at
+        ``_COMMITTED`` (pyarrow.dataset, DuckDB, Spark skip ``_``-prefixed files) never see an
+        uncommitted part. ``commit`` renames it to its final name."""
         self._part_seq += 1
         name = f"part-{self._part_seq:05d}-{self._writer_id}.parquet"
-        _atomic_write(self._rank_dir(dataset_type, n_epoch, rank) / name,
+        _atomic_write(self._rank_dir(dataset_type, n_epoch, rank) / f"{PENDING_PREFIX}{name}",
                       lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
         return name
 
     def commit(self, dataset_type: str, n_epoch: int, rank: int, parts: list[str], rows: int,
                world_size: int) -> None:
-        marker = self._rank_dir(dataset_type, n_epoch, rank) / COMMIT_MARKER
+        rank_dir = self._rank_dir(dataset_type, n_epoch, rank)
+        for part in parts:
+            pending = rank_dir / f"{PENDING_PREFIX}{part}"
+            if pending.exists():  # absent when a previous commit of the same parts got this far
+                os.replace(pending, rank_dir / part)
+        marker = rank_dir / COMMIT_MARKER
+        rank_dir.mkdir(parents=True, exist_ok=True)
         previous = _read_json(marker) if marker.is_file() else {"parts": [], "rows": 0}
         new_parts = [p for p in parts if p not in previous["parts"]]
         _write_json(marker, {"parts": previous["parts"] + new_parts,

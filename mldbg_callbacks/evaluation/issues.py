@@ -1,0 +1,138 @@
+"""The six issue categories and the error codes that refine them (docs/analysis.md).
+
+Every unit gets exactly one category (precedence top-down in CATEGORIES) and exactly one error code.
+Rules are vectorised boolean masks over the per-unit table; the first matching rule wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+# Precedence order for assignment.
+CATEGORIES = ["aleatoric_hotspot", "critical_hotspot", "hotspot", "recessive_hotspot", "operational_coverage",
+              "stable_coverage"]
+# Column order of issue_category_summary(), as on the product page.
+CATEGORY_SUMMARY_ORDER = ["stable_coverage", "operational_coverage", "hotspot", "recessive_hotspot",
+                          "critical_hotspot", "aleatoric_hotspot"]
+
+# Thresholds of the rules; named so docs and tests can refer to them.
+LABEL_NOISE_AGREEMENT = 0.2  # neighbours agreeing with the label at most this share
+NOISE_AUM = 0.0
+NOISE_CORRECTNESS = 0.2
+NEAR_TIE_GAP = 0.1  # top-2 probability gap of an ambiguous prediction
+SPLIT_SHARE = 0.3  # each of the two tied classes holds at least this share of the neighbours
+UNSTABLE_VARIABILITY = 0.2
+STABLE_VARIABILITY = 0.1
+SPARSE_DENSITY = 90.0  # mean-neighbour-distance percentile above which a region is sparse
+OOD_DENSITY = 99.0
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    description: str
+    recommendation: str
+
+
+CLASSIFICATION_CODES = {c.code: c for c in [
+    ErrorCode("CLS_LABEL_NOISE",
+              "Wrong, and the label is the likely culprit: nearby samples carry the predicted class, or the "
+              "model never fits the label (negative AUM, rarely correct).",
+              "Review these labels first (relabel or drop); check the labelling guideline for the confused pair."),
+    ErrorCode("CLS_AMBIGUOUS",
+              "Near-tie between the label and the prediction, with neighbours split between the two classes.",
+              "Sharpen the class definitions or allow multi-label / an 'uncertain' class for such inputs."),
+    ErrorCode("CLS_OUT_OF_DISTRIBUTION",
+              "Wrong on an input far from everything in the training set (beyond the 99th percentile of "
+              "the reference set's neighbour distances).",
+              "Collect training data like these inputs, or detect and reject such inputs at inference."),
+    ErrorCode("CLS_FORGOTTEN",
+              "Predicted correctly at an earlier epoch, then forgotten.",
+              "Check learning-rate schedule and augmentation; consider rehearsal or early-stopping checkpoints."),
+    ErrorCode("CLS_REGION_FAILURE",
+              "Wrong inside a feature-space region whose error rate is significantly above the dataset's.",
+              "Inspect the region's samples together: a missing feature, a shortcut or a sub-population "
+              "needs more or better data."),
+    ErrorCode("CLS_UNDERREPRESENTED",
+              "Wrong in a sparse part of feature space (few similar training samples).",
+              "Add training samples similar to these; oversample or augment the sub-population."),
+    ErrorCode("CLS_CONFIDENT_ERROR",
+              "Wrong although the error estimate accepted it: a silent, confident failure.",
+              "Look for shortcuts or spurious features; calibrate (temperature scaling) and add counter-examples."),
+    ErrorCode("CLS_UNCERTAIN_ERROR",
+              "Wrong, and the model knew it was unsure (rejected at the operating threshold).",
+              "More or better data for these inputs; route them to a fallback or a human at inference."),
+    ErrorCode("CLS_UNSTABLE",
+              "Right now, but the probability of the label varies strongly across epochs.",
+              "Latent error: average checkpoints (EMA/SWA) or lower the learning rate; watch these samples."),
+    ErrorCode("CLS_IN_HOTSPOT_REGION",
+              "Right, but inside a region where many neighbours are wrong.",
+              "Latent error: strengthen the region's data before it shows up in accuracy."),
+    ErrorCode("CLS_LOW_MARGIN",
+              "Right, but rejected at the operating threshold (low margin).",
+              "Latent error: more data near the decision boundary; consider margin-based losses."),
+    ErrorCode("CLS_ACCEPTED",
+              "Right and accepted at the operating risk, not yet stable.",
+              "Safe at the chosen risk; no action needed."),
+    ErrorCode("CLS_STABLE",
+              "Right, far below the operating risk, outside hotspot regions and never forgotten.",
+              "Reliably handled; candidates to down-weight when the data budget is tight."),
+]}
+
+
+def assign_classification(samples: pd.DataFrame, tau_op: float, tau_stable: float, reference: bool) -> pd.DataFrame:
+    """Add ``category`` and ``error_code`` to the per-unit table of one dataset and epoch.
+
+    ``reference``: whether these units are the reference set itself (out-of-distribution is only
+    meaningful for other datasets).
+    """
+    def col(name: str, default: float = np.nan) -> np.ndarray:
+        return samples[name].to_numpy(dtype=float) if name in samples else np.full(len(samples), default)
+
+    wrong = ~samples["correct"].to_numpy(dtype=bool)
+    pred = samples["pred"].to_numpy()
+    error_proba = col("error_proba")
+    accepted = error_proba < tau_op
+    agreement = col("neighbor_label_agreement")
+    majority = samples["neighbor_majority_label"].to_numpy() if "neighbor_majority_label" in samples else np.full(len(samples), -1)
+    aum, correctness = col("aum"), col("correctness")
+    # stability rules use the recent window of the trajectory (see dynamics.py for why)
+    forgetting, variability = np.nan_to_num(col("forgetting_events"), nan=0.0), col("recent_variability")
+    density, hot_region = col("density"), samples.get("in_hotspot_region", pd.Series(False, index=samples.index)).to_numpy(dtype=bool)
+    split = (col("top2_gap") < NEAR_TIE_GAP) & (col("neighbor_label_agreement") >= SPLIT_SHARE) & (
+        col("neighbor_pred_agreement") >= SPLIT_SHARE)
+
+    noise = wrong & (((agreement <= LABEL_NOISE_AGREEMENT) & (majority == pred)) |
+                     ((aum < NOISE_AUM) & (correctness < NOISE_CORRECTNESS)))
+    ambiguous = wrong & ~noise & split
+    aleatoric = noise | ambiguous
+    critical = wrong & ~aleatoric & accepted
+    hotspot = wrong & ~aleatoric & ~accepted
+    fragile = (~accepted) | hot_region | (forgetting >= 1) | (variability >= UNSTABLE_VARIABILITY)
+    recessive = ~wrong & fragile
+    has_dynamics = ~np.isnan(variability)
+    stable = (~wrong & ~recessive & (error_proba < tau_stable) & ~hot_region
+              & (~has_dynamics | ((forgetting == 0) & (variability < STABLE_VARIABILITY))))
+    operational = ~wrong & ~recessive & ~stable
+
+    category = np.select([aleatoric, critical, hotspot, recessive, operational, stable], CATEGORIES, default="")
+    far = (density >= OOD_DENSITY) & (not reference)
+    sparse = density >= SPARSE_DENSITY
+    forgotten = forgetting >= 1
+    error_code = np.select(
+        [noise, ambiguous,
+         wrong & far, wrong & hot_region, wrong & forgotten, wrong & sparse, critical, hotspot,
+         recessive & forgotten, recessive & (variability >= UNSTABLE_VARIABILITY), recessive & hot_region, recessive,
+         operational, stable],
+        ["CLS_LABEL_NOISE", "CLS_AMBIGUOUS",
+         "CLS_OUT_OF_DISTRIBUTION", "CLS_REGION_FAILURE", "CLS_FORGOTTEN", "CLS_UNDERREPRESENTED",
+         "CLS_CONFIDENT_ERROR", "CLS_UNCERTAIN_ERROR",
+         "CLS_FORGOTTEN", "CLS_UNSTABLE", "CLS_IN_HOTSPOT_REGION", "CLS_LOW_MARGIN",
+         "CLS_ACCEPTED", "CLS_STABLE"], default="")
+    out = samples.copy()
+    out["category"] = category
+    out["error_code"] = error_code
+    return out

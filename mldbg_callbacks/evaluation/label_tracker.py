@@ -1,0 +1,89 @@
+"""Per-label metric over epochs with error bounds: FastEstimator's LabelTracker as a view of a Result.
+
+Semantics follow FastEstimator: ``bounds="std"`` gives mean ± sample standard deviation (0 for a single
+value), ``"range"`` gives (min, mean, max), ``None`` the mean alone; several may be asked for at once.
+``label_mapping = {display_name: label_value}`` renames labels and drops every label not listed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+BOUND_OPTIONS = (None, "std", "range")
+
+
+class LabelTrackerFrame(pd.DataFrame):
+    """A DataFrame (label, n_epoch, bounds, low, mean, high) whose ``plot()`` draws the LabelTracker graph."""
+
+    _metadata = ["metric"]
+
+    @property
+    def _constructor(self):
+        return LabelTrackerFrame
+
+    def plot(self, path: str | None = None, title: str | None = None):  # noqa: D401 - overrides pandas' plot
+        """Draw one panel per bounds option (a line per label, shaded bounds); save to ``path`` if given."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        options = list(dict.fromkeys(self["bounds"]))
+        fig, axes = plt.subplots(1, len(options), figsize=(6 * len(options), 4), squeeze=False)
+        metric = getattr(self, "metric", "metric")
+        for ax, option in zip(axes[0], options):
+            part = self[self["bounds"] == option]
+            for label, rows in part.groupby("label", sort=False):
+                line, = ax.plot(rows["n_epoch"], rows["mean"], marker="o", label=str(label))
+                if option != "mean":
+                    ax.fill_between(rows["n_epoch"], rows["low"], rows["high"], alpha=0.2, color=line.get_color())
+            names = {"std": "mean ± std", "range": "min, mean, max", "mean": "mean"}
+            ax.set_title(f"{metric} by label ({names[option]})")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(metric)
+            ax.legend(fontsize="small")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+        return fig
+
+
+def label_tracker(history: pd.DataFrame, metric: str = "loss", bounds: None | str | Iterable = "std",
+                  label_mapping: dict | None = None, dataset_type: str = "train") -> LabelTrackerFrame:
+    """Aggregate ``metric`` of the per-epoch history by label and epoch."""
+    options = [bounds] if bounds is None or isinstance(bounds, str) else list(bounds)
+    for option in options:
+        if option not in BOUND_OPTIONS:
+            raise ValueError(f"bounds must be None, 'std', 'range' or a list of those, got {bounds!r}")
+    data = history[history["dataset_type"] == dataset_type]
+    if data.empty:
+        raise KeyError(f"no history for dataset_type={dataset_type!r}; have {sorted(history['dataset_type'].unique())}")
+    if metric not in data.columns:
+        numeric = [c for c in data.columns if c not in ("dataset_type", "n_epoch", "input_id", "label")]
+        raise KeyError(f"unknown metric {metric!r}; choose from {numeric}")
+    values = data[["label", "n_epoch", metric]].astype({metric: float})
+    if label_mapping:
+        names = {value: name for name, value in label_mapping.items()}
+        values = values[values["label"].isin(list(names))]
+        values = values.assign(label=values["label"].map(names))
+    stats = values.groupby(["label", "n_epoch"], sort=True)[metric].agg(["mean", "std", "min", "max", "count"])
+    stats["std"] = stats["std"].where(stats["count"] > 1, 0.0)
+    frames = []
+    for option in options:
+        if option == "std":
+            low, high = stats["mean"] - stats["std"], stats["mean"] + stats["std"]
+        elif option == "range":
+            low, high = stats["min"], stats["max"]
+        else:
+            low = high = pd.Series(np.nan, index=stats.index)
+        frames.append(pd.DataFrame({"bounds": option or "mean", "low": low, "mean": stats["mean"], "high": high}))
+    frame = LabelTrackerFrame(pd.concat(frames).reset_index()[["label", "n_epoch", "bounds", "low", "mean", "high"]])
+    frame.metric = metric
+    return frame

@@ -1,0 +1,219 @@
+"""The classification evaluation, end to end: traces -> per-unit table, metrics, categories, history.
+
+Order of work for one evaluated (dataset_type, epoch):
+
+1. per-epoch scalar signals of every saved epoch up to the evaluated one (the *history*), from which
+   the training dynamics are computed;
+2. the *reference set*: the ``train`` traces of the same epoch (else the nearest earlier train epoch,
+   else the dataset itself with each unit left out of its own neighbourhood); on it the kNN index,
+   the k-means regions, the cross-fitted error_proba estimator and the operating thresholds are built,
+   once per reference and embedding;
+3. feature-space signals of the evaluated units against the reference, error_proba, regions,
+   categories and error codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .classification import ClassificationUnits, drop_duplicate_units, load_units, metrics_row, unit_signals
+from .dynamics import training_dynamics
+from .error_proba import ErrorProbaEstimator, operating_threshold
+from .issues import CATEGORY_SUMMARY_ORDER, assign_classification
+from .neighbors import NeighborIndex, fit_regions, hotspot_regions, neighbor_signals, normalize
+
+HISTORY_COLUMNS = ["dataset_type", "n_epoch", "input_id", "label", "pred", "correct", "loss", "entropy", "msp",
+                   "margin", "logit_margin", "p_label"]
+ReadTraces = Callable[[str, int, bool], pa.Table]  # (dataset_type, epoch, with_features) -> table
+
+
+@dataclass
+class Reference:
+    """Everything built once on a reference set and reused for every dataset evaluated against it."""
+
+    name: str  # e.g. "train@3"
+    embedding_kind: str  # "features" | "probs"
+    index: NeighborIndex
+    neighbor_signals: dict
+    mean_distance: np.ndarray
+    estimator: ErrorProbaEstimator
+    scores: np.ndarray
+    tau_op: float
+    tau_stable: float
+    regions: object
+
+
+@dataclass
+class ClassificationEvaluation:
+    samples: pd.DataFrame
+    metrics: pd.DataFrame
+    categories: pd.DataFrame
+    history: pd.DataFrame
+    thresholds: list[dict]
+    notes: list[str]
+
+
+def evaluate_classification(read: ReadTraces, meta: dict, epochs: dict[str, list[int]],
+                            committed: dict[str, list[int]], risk: float = 0.05,
+                            progress: Callable[[str, int, int], None] | None = None) -> ClassificationEvaluation:
+    """``epochs``: evaluated epochs per dataset_type; ``committed``: every readable epoch per dataset_type."""
+    if not 0.0 < risk < 1.0:
+        raise ValueError(f"risk must be in (0, 1), got {risk!r}")
+    run = _Run(read, meta, committed, risk)
+    samples, metrics, thresholds = [], [], []
+    jobs = [(d, e) for d, es in epochs.items() for e in es]
+    for done, (dataset_type, epoch) in enumerate(jobs):
+        if progress:
+            progress(f"{dataset_type} epoch {epoch}", done, len(jobs))
+        frame, units, reference = run.evaluate(dataset_type, epoch)
+        samples.append(frame)
+        metrics.append({**metrics_row(dataset_type, units, frame), "n_epoch": epoch})
+        thresholds.append({"dataset": dataset_type, "n_epoch": epoch, "reference": reference.name,
+                           "embedding": reference.embedding_kind, "tau_op": reference.tau_op,
+                           "tau_stable": reference.tau_stable, "risk": risk})
+    samples_frame = pd.concat(samples, ignore_index=True)
+    categories = category_summary(samples_frame)
+    history = pd.concat(
+        [h[h["n_epoch"] <= max(epochs[d])] for d, h in run.history.items() if d in epochs], ignore_index=True)
+    return ClassificationEvaluation(samples_frame, pd.DataFrame(metrics), categories, history, thresholds,
+                                    run.notes)
+
+
+def category_summary(samples: pd.DataFrame) -> pd.DataFrame:
+    """Share of each category per dataset and epoch; the six ratios sum to 1."""
+    counts = pd.crosstab([samples["dataset_type"], samples["n_epoch"]], samples["category"])
+    counts = counts.reindex(columns=CATEGORY_SUMMARY_ORDER, fill_value=0)
+    ratios = counts.div(counts.sum(axis=1), axis=0)
+    ratios.columns = [f"{c}_ratio" for c in ratios.columns]
+    return ratios.reset_index().rename(columns={"dataset_type": "dataset"})
+
+
+class _Run:
+    def __init__(self, read: ReadTraces, meta: dict, committed: dict[str, list[int]], risk: float):
+        self.read, self.meta, self.committed, self.risk = read, meta, committed, risk
+        self.notes: list[str] = []
+        self._units: dict[tuple[str, int], ClassificationUnits] = {}
+        self._references: dict[tuple[str, int, str], Reference] = {}
+        self.history: dict[str, pd.DataFrame] = {}
+
+    # -- data --------------------------------------------------------------------------------
+    def units(self, dataset_type: str, epoch: int) -> ClassificationUnits:
+        key = (dataset_type, epoch)
+        if key not in self._units:
+            units, duplicates = drop_duplicate_units(load_units(self.read(dataset_type, epoch, True), self.meta))
+            if duplicates:
+                self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate input_id(s) across ranks removed "
+                          "(distributed sampler padding)")
+            self._units[key] = units
+        return self._units[key]
+
+    def history_of(self, dataset_type: str, upto: int) -> pd.DataFrame:
+        """Scalar per-epoch signals of every committed epoch <= upto (read without features)."""
+        have = self.history.get(dataset_type)
+        needed = [e for e in self.committed.get(dataset_type, []) if e <= upto]
+        missing = [e for e in needed if have is None or e not in set(have["n_epoch"])]
+        frames = [] if have is None else [have]
+        for epoch in missing:
+            if (dataset_type, epoch) in self._units:
+                units = self._units[(dataset_type, epoch)]
+            else:
+                units, _ = drop_duplicate_units(load_units(self.read(dataset_type, epoch, False), self.meta))
+            signals = unit_signals(units)
+            signals.insert(0, "dataset_type", dataset_type)
+            frames.append(signals[HISTORY_COLUMNS])
+        if frames:
+            self.history[dataset_type] = pd.concat(frames, ignore_index=True).sort_values(["n_epoch", "input_id"],
+                                                                                             kind="stable")
+        return self.history[dataset_type][self.history[dataset_type]["n_epoch"] <= upto]
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    # -- reference ----------------------------------------------------------------------------
+    def reference_key(self, dataset_type: str, epoch: int) -> tuple[str, int]:
+        train = self.committed.get("train", [])
+        if dataset_type == "train" or not train:
+            if dataset_type != "train":
+                self.note(f"{dataset_type}: no train traces, so {dataset_type} is its own reference set "
+                          "(each unit left out of its own neighbourhood)")
+            return dataset_type, epoch
+        earlier = [e for e in train if e <= epoch]
+        chosen = earlier[-1] if earlier else train[0]
+        if chosen != epoch:
+            self.note(f"{dataset_type} epoch {epoch}: no train traces of that epoch; reference set is train epoch {chosen}")
+        return "train", chosen
+
+    def embedding(self, units: ClassificationUnits, kind: str) -> np.ndarray:
+        return units.features if kind == "features" else units.probs
+
+    def reference(self, key: tuple[str, int], kind: str) -> Reference:
+        cache_key = (*key, kind)
+        if cache_key in self._references:
+            return self._references[cache_key]
+        units = self.units(*key)
+        signals = unit_signals(units)
+        wrong = ~signals["correct"].to_numpy()
+        embedding = self.embedding(units, kind)
+        index = NeighborIndex.build(embedding, units.input_id, units.label, wrong)
+        neighbors, distances = index.query(embedding, input_id=units.input_id)
+        own = neighbor_signals(index, neighbors, distances, units.label, signals["pred"].to_numpy(), None)
+        estimator = ErrorProbaEstimator()
+        scores = estimator.fit_predict(signals.assign(**own), wrong)
+        if estimator.note:
+            self.note(f"{key[0]}@{key[1]}: {estimator.note}")
+        reference = Reference(
+            name=f"{key[0]}@{key[1]}", embedding_kind=kind, index=index, neighbor_signals=own,
+            mean_distance=np.sort(own["mean_neighbor_distance"]), estimator=estimator, scores=scores,
+            tau_op=operating_threshold(scores, wrong, self.risk),
+            tau_stable=operating_threshold(scores, wrong, self.risk / 5), regions=fit_regions(embedding))
+        self._references[cache_key] = reference
+        return reference
+
+    # -- one dataset and epoch ----------------------------------------------------------------
+    def evaluate(self, dataset_type: str, epoch: int) -> tuple[pd.DataFrame, ClassificationUnits, Reference]:
+        units = self.units(dataset_type, epoch)
+        ref_key = self.reference_key(dataset_type, epoch)
+        ref_units = self.units(*ref_key)
+        kind = "features"
+        if units.features is None or ref_units.features is None:
+            kind = "probs"
+            self.note(f"{dataset_type} epoch {epoch}: no features captured; feature-space signals use the "
+                      "predicted probabilities instead")
+        elif units.features.shape[1] != ref_units.features.shape[1]:
+            kind = "probs"
+            self.note(f"{dataset_type} epoch {epoch}: features are {units.features.shape[1]}-d but the reference "
+                      f"set's are {ref_units.features.shape[1]}-d; feature-space signals use the probabilities")
+        reference = self.reference(ref_key, kind)
+        is_reference = ref_key == (dataset_type, epoch)
+
+        frame = unit_signals(units)
+        embedding = self.embedding(units, kind)
+        if is_reference:
+            own, error_proba = reference.neighbor_signals, reference.scores
+        else:
+            neighbors, distances = reference.index.query(embedding)
+            own = neighbor_signals(reference.index, neighbors, distances, units.label, frame["pred"].to_numpy(),
+                                   reference.mean_distance)
+            error_proba = reference.estimator.predict(frame.assign(**own))
+        for name, values in own.items():
+            frame[name] = values
+        frame["error_proba"] = error_proba
+        wrong = ~frame["correct"].to_numpy()
+        region = (reference.regions.predict(normalize(embedding)) if reference.regions is not None
+                  else np.zeros(len(frame), dtype=np.int64))
+        frame["region"] = region
+        frame["region_error_rate"], frame["in_hotspot_region"] = hotspot_regions(region, wrong)
+
+        dynamics = training_dynamics(self.history_of(dataset_type, epoch))
+        if dynamics["variability"].isna().all():
+            self.note(f"{dataset_type} epoch {epoch}: fewer than two saved epochs, so no training dynamics")
+        frame = frame.join(dynamics, on="input_id")
+        frame = assign_classification(frame, reference.tau_op, reference.tau_stable, reference=is_reference)
+        frame.insert(0, "dataset_type", dataset_type)
+        return frame, units, reference
