@@ -20,6 +20,7 @@ CATEGORY_SUMMARY_ORDER = ["stable_coverage", "operational_coverage", "hotspot", 
 
 # Thresholds of the rules; named so docs and tests can refer to them.
 LABEL_NOISE_AGREEMENT = 0.2  # neighbours agreeing with the label at most this share
+OWN_DATASET_AGREEMENT = 0.5  # above this share of same-dataset neighbours agreeing, a label is not noise
 NOISE_AUM = 0.0
 NOISE_CORRECTNESS = 0.2
 NEAR_TIE_GAP = 0.1  # top-2 probability gap of an ambiguous prediction
@@ -105,7 +106,11 @@ def assign_classification(samples: pd.DataFrame, tau_op: float, tau_stable: floa
     split = (col("top2_gap") < NEAR_TIE_GAP) & (col("neighbor_label_agreement") >= SPLIT_SHARE) & (
         col("neighbor_pred_agreement") >= SPLIT_SHARE)
 
-    noise = wrong & (((agreement <= LABEL_NOISE_AGREEMENT) & (majority == pred)) |
+    # Label noise: the label disagrees with the reference neighbours, which agree with the prediction, and
+    # with most neighbours in the unit's own dataset (a coherent group sharing the label is a region the
+    # model fails on, not noise); or the model never fits the label (AUM < 0, rarely correct).
+    own_disagrees = ~(col("dataset_label_agreement", default=0.0) > OWN_DATASET_AGREEMENT)
+    noise = wrong & ((((agreement <= LABEL_NOISE_AGREEMENT) & (majority == pred)) & own_disagrees) |
                      ((aum < NOISE_AUM) & (correctness < NOISE_CORRECTNESS)))
     ambiguous = wrong & ~noise & split
     aleatoric = noise | ambiguous

@@ -84,6 +84,19 @@ def evaluate_classification(read: ReadTraces, meta: dict, epochs: dict[str, list
                                     run.notes)
 
 
+def self_label_agreement(embedding: np.ndarray, units: ClassificationUnits, wrong: np.ndarray) -> np.ndarray:
+    """Share of a unit's nearest neighbours *within its own dataset* (itself left out) that carry its label.
+
+    Separates label noise (a label that disagrees with its neighbours everywhere) from a coherent group
+    of units the model gets wrong (whose labels agree with each other but not with the reference).
+    """
+    index = NeighborIndex.build(embedding, units.input_id, units.label, wrong)
+    neighbors, _ = index.query(embedding, input_id=units.input_id)
+    if neighbors.shape[1] == 0:
+        return np.full(len(units), np.nan)
+    return (index.base_label[neighbors] == units.label[:, None]).mean(axis=1)
+
+
 def category_summary(samples: pd.DataFrame) -> pd.DataFrame:
     """Share of each category per dataset and epoch; the six ratios sum to 1."""
     counts = pd.crosstab([samples["dataset_type"], samples["n_epoch"]], samples["category"])
@@ -196,13 +209,16 @@ class _Run:
         embedding = self.embedding(units, kind)
         if is_reference:
             own, error_proba = reference.neighbor_signals, reference.scores
+            dataset_agreement = own["neighbor_label_agreement"]
         else:
             neighbors, distances = reference.index.query(embedding)
             own = neighbor_signals(reference.index, neighbors, distances, units.label, frame["pred"].to_numpy(),
                                    reference.mean_distance)
             error_proba = reference.estimator.predict(frame.assign(**own))
+            dataset_agreement = self_label_agreement(embedding, units, ~frame["correct"].to_numpy())
         for name, values in own.items():
             frame[name] = values
+        frame["dataset_label_agreement"] = dataset_agreement
         frame["error_proba"] = error_proba
         wrong = ~frame["correct"].to_numpy()
         region = (reference.regions.predict(normalize(embedding)) if reference.regions is not None

@@ -168,10 +168,11 @@ class Result:
     def compare(self, other: "Result") -> pd.DataFrame:
         """Metrics and category ratios of this result and ``other`` side by side, with the difference."""
         columns = [*METRIC_COLUMNS[1:], *CATEGORY_COLUMNS]
-        mine = self._flat(columns)
-        theirs = other._flat(columns)
-        both = mine.join(theirs, how="outer", lsuffix="_a", rsuffix="_b")
-        both.columns = [self._label(), other._label() if other._label() != self._label() else other._label() + " (2)"]
+        mine, theirs = self._label(), other._label()
+        if theirs == mine:
+            theirs += " (2)"
+        both = pd.concat([self._flat(columns)["value"].rename(mine), other._flat(columns)["value"].rename(theirs)],
+                         axis=1)
         both["delta"] = both.iloc[:, 1] - both.iloc[:, 0]
         return both.reset_index()
 
