@@ -166,7 +166,8 @@ def run_epoch(s: Setup, tracer: ClassificationTracer | None, epoch: int, call_ti
 
 
 # -- 1. training loop, plain vs traced ----------------------------------------------------------
-def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: int) -> dict:
+def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: int,
+                   quiet_wait_s: float = 0.0) -> dict:
     plain, traced, waits, traced_with_wait = [], [], [], []
     plain_calls, traced_calls = [], []
     plain_cpu, traced_cpu, wait_cpu = [], [], []
@@ -178,6 +179,8 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
     run_epoch(s, tracer, epoch_no)
     tracer.wait_for_save(n_epoch=epoch_no)
     for r in range(rounds):
+        if quiet_wait_s > 0:
+            wait_quiet(quiet_wait_s)
         order = ["plain", "traced"] if r % 2 == 0 else ["traced", "plain"]
         for _ in range(epochs):
             for kind in order:
@@ -426,7 +429,8 @@ def main(argv=None) -> dict:
                    help="JSON dict replacing mldbg_callbacks.store.local.PARQUET_OPTIONS for this run "
                         "(experiments), e.g. '{\"compression\": \"zstd\", \"compression_level\": 1}'")
     p.add_argument("--wait-quiet", type=float, default=0.0,
-                   help="wait up to this many seconds for other processes to go quiet before starting")
+                   help="wait up to this many seconds for other processes to go quiet before starting, and "
+                        "before each round (shared machines); see training.quiet_epochs_only")
     p.add_argument("--keep-store", action="store_true", help="do not delete the temporary store")
     args = p.parse_args(argv)
     if args.quick:
@@ -466,7 +470,7 @@ def main(argv=None) -> dict:
         s = Setup(args.batches_per_epoch, args.seed, lr=0.05, optimizer=args.optimizer)
         if "training" not in skip:
             tracer = ClassificationTracer(s.model, "bench", "v", store=store_root)
-            result["training"] = bench_training(s, tracer, args.rounds, args.epochs)
+            result["training"] = bench_training(s, tracer, args.rounds, args.epochs, args.wait_quiet)
             result["training"]["tracer_stats"] = {
                 k: v for k, v in vars(tracer.stats).items() if k != "rows_skipped"}
             result["training"]["tracer_stats"]["rows_skipped"] = dict(tracer.stats.rows_skipped)

@@ -31,7 +31,7 @@ class ErrorProbaEstimator:
 
     folds: int = 5
     seed: int = 0
-    max_train_rows: int = 50000
+    max_train_rows: int = 20000
     models: list = field(default_factory=list)
     note: str | None = None
 
@@ -50,8 +50,9 @@ class ErrorProbaEstimator:
         for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(x, wrong):
             if len(train) > self.max_train_rows:  # bound the fitting cost on huge reference sets
                 train = np.sort(rng.choice(train, self.max_train_rows, replace=False))
-            model = HistGradientBoostingClassifier(max_iter=60, learning_rate=0.1, max_leaf_nodes=15,
-                                                   min_samples_leaf=20, random_state=self.seed)
+            model = HistGradientBoostingClassifier(max_iter=50, learning_rate=0.1, max_leaf_nodes=15,
+                                                   min_samples_leaf=20, early_stopping=False,
+                                                   random_state=self.seed)
             model.fit(x[train], wrong[train])
             scores[held_out] = model.predict_proba(x[held_out])[:, 1]
             self.models.append(model)

@@ -1,8 +1,7 @@
 """Feature-space signals: cosine k-nearest neighbours in a reference set, density, regions.
 
-Exact brute-force search (normalised float32 matrix products in chunks) against a reference set capped
-at ``max_reference`` units by a seeded random subsample, which bounds the cost at
-O(N · max_reference · D) for any data size.
+Exact brute-force search against a reference set capped at ``max_reference`` units by a seeded
+random subsample, which bounds the cost at O(N · max_reference · D) for any data size.
 """
 
 from __future__ import annotations
@@ -12,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest, mode
-from sklearn.cluster import MiniBatchKMeans
+from sklearn.cluster import KMeans
+from sklearn.neighbors import NearestNeighbors
 
 K_NEIGHBORS = 10
-MAX_REFERENCE = 20000
-_CHUNK = 2048
+MAX_REFERENCE = 10000
 
 
 def normalize(embedding: np.ndarray) -> np.ndarray:
@@ -47,28 +46,25 @@ class NeighborIndex:
         """(indices into base, cosine distances), each (N, k') sorted nearest first, k' = min(k, usable).
 
         With ``input_id``, a base row with the same id as the query is never its own neighbour.
+        Uses scikit-learn's brute-force k-nearest search (blocked, multithreaded top-k) on unit vectors,
+        where Euclidean order equals cosine order and cosine distance = squared Euclidean / 2.
         """
-        k = min(k, len(self.base) - (1 if input_id is not None else 0))
+        exclude = input_id is not None
+        k = min(k, len(self.base) - (1 if exclude else 0))
         if k <= 0:
             return np.empty((len(embedding), 0), int), np.empty((len(embedding), 0), np.float32)
-        query = normalize(embedding)
-        position = None
-        if input_id is not None:
-            position = pd.Index(self.base_ids).get_indexer(input_id)
-        indices = np.empty((len(query), k), dtype=np.int64)
-        distances = np.empty((len(query), k), dtype=np.float32)
-        for start in range(0, len(query), _CHUNK):
-            stop = start + _CHUNK
-            sim = query[start:stop] @ self.base.T
-            if position is not None:
-                rows = np.flatnonzero(position[start:stop] >= 0)
-                sim[rows, position[start:stop][rows]] = -np.inf
-            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-            top_sim = np.take_along_axis(sim, top, axis=1)
-            order = np.argsort(-top_sim, axis=1, kind="stable")
-            indices[start:stop] = np.take_along_axis(top, order, axis=1)
-            distances[start:stop] = 1.0 - np.take_along_axis(top_sim, order, axis=1)
-        return indices, distances
+        search = NearestNeighbors(n_neighbors=k + exclude, algorithm="brute").fit(self.base)
+        distances, indices = search.kneighbors(normalize(embedding))
+        distances = distances ** 2 / 2.0
+        if exclude:
+            own = pd.Index(self.base_ids).get_indexer(input_id)
+            is_self = indices == own[:, None]
+            # drop the unit itself where it was found, else the farthest of the k + 1
+            is_self[~is_self.any(axis=1), -1] = True
+            keep = ~is_self
+            indices = indices[keep].reshape(len(indices), k)
+            distances = distances[keep].reshape(len(distances), k)
+        return indices, distances.astype(np.float32)
 
 
 def neighbor_signals(index: NeighborIndex, neighbors: np.ndarray, distances: np.ndarray, label: np.ndarray,
@@ -99,7 +95,7 @@ def n_regions(n_units: int) -> int:
     return int(np.clip(round(n_units / 50), 2, 64))
 
 
-def fit_regions(embedding: np.ndarray, seed: int = 0, max_fit: int = MAX_REFERENCE) -> MiniBatchKMeans | None:
+def fit_regions(embedding: np.ndarray, seed: int = 0, max_fit: int = MAX_REFERENCE) -> KMeans | None:
     """Seeded k-means on normalised reference embeddings (None when there are too few units)."""
     if len(embedding) < 4:
         return None
@@ -107,7 +103,8 @@ def fit_regions(embedding: np.ndarray, seed: int = 0, max_fit: int = MAX_REFEREN
     if len(data) > max_fit:
         data = data[np.sort(np.random.default_rng(seed).choice(len(data), max_fit, replace=False))]
     k = min(n_regions(len(embedding)), len(data) - 1)
-    return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096).fit(data)
+    # float64: scikit-learn's k-means computes float32 distances through a slow upcasting path
+    return KMeans(n_clusters=k, random_state=seed, n_init=1, max_iter=100).fit(data.astype(np.float64))
 
 
 def wilson_lower_bound(errors: int, total: int, confidence: float = 0.95) -> float:

@@ -221,7 +221,7 @@ class _Run:
         frame["dataset_label_agreement"] = dataset_agreement
         frame["error_proba"] = error_proba
         wrong = ~frame["correct"].to_numpy()
-        region = (reference.regions.predict(normalize(embedding)) if reference.regions is not None
+        region = (reference.regions.predict(normalize(embedding).astype(np.float64)) if reference.regions is not None
                   else np.zeros(len(frame), dtype=np.int64))
         frame["region"] = region
         frame["region_error_rate"], frame["in_hotspot_region"] = hotspot_regions(region, wrong)
