@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("version_name")
     evaluate.add_argument("--n-epoch", type=_n_epoch, default="latest", help="'latest' (default), 'all' or N")
     evaluate.add_argument("--result-name", default=None)
+    evaluate.add_argument("--risk", type=float, default=0.05, help="error rate tolerated among accepted predictions")
     evaluate.add_argument("--html", default=None, help="also write an HTML report to this path")
     results = commands.add_parser("results", help="list saved results of a model version")
     results.add_argument("model_name")
@@ -92,7 +93,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 bar.update(task, description=stage, completed=done, total=total)
 
             result = evaluator.request_evaluation(result_name=args.result_name, n_epoch=args.n_epoch,
-                                                  progress=progress)
+                                                  risk=args.risk, progress=progress)
         result.get_summary()
         if args.html:
             console.print(f"report written to {result.to_html(args.html)}")
