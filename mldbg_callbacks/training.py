@@ -64,6 +64,18 @@ def scores_of(outputs: Any) -> Any:
     return outputs
 
 
+def classification_core(model_name: str, version_name: str, *, store: str | os.PathLike | LocalStore | None = None,
+                        flush_every: int = 1, strict: bool = False, output_kind: str = "auto",
+                        max_stored_classes: int = 128, top_k: int = 32, max_feature_dim: int = 1024,
+                        max_pending_batches: int = 32) -> TraceCore:
+    """The tracing core of a classification run: what ClassificationTracer and the framework callbacks
+    record into. Arguments as for ClassificationTracer."""
+    codec = ClassificationCodec(output_kind=output_kind, max_stored_classes=max_stored_classes, top_k=top_k,
+                                max_feature_dim=max_feature_dim)
+    run = resolve_store(store).run(validate_name(model_name, "model_name"), validate_name(version_name, "version_name"))
+    return TraceCore(codec, run, flush_every=flush_every, strict=strict, max_pending_batches=max_pending_batches)
+
+
 class ClassificationTracer:
     """Trace a classifier's per-sample predictions, labels and penultimate features.
 
@@ -101,10 +113,10 @@ class ClassificationTracer:
         self.model = model
         self.store = resolve_store(store)
         self._forward = model_forward(model, feature_layer)
-        codec = ClassificationCodec(output_kind=output_kind, max_stored_classes=max_stored_classes,
-                                    top_k=top_k, max_feature_dim=max_feature_dim)
-        self.core = TraceCore(codec, self.store.run(model_name, version_name), flush_every=flush_every,
-                              strict=strict, max_pending_batches=max_pending_batches)
+        self.core = classification_core(self.model_name, self.version_name, store=self.store, flush_every=flush_every,
+                                        strict=strict, output_kind=output_kind, max_stored_classes=max_stored_classes,
+                                        top_k=top_k, max_feature_dim=max_feature_dim,
+                                        max_pending_batches=max_pending_batches)
 
     def __call__(self, inputs: Any, labels: Any, input_ids: Any = None, dataset_type: str = "train",
                  n_epoch: int | None = None, **forward_kwargs: Any) -> Any:

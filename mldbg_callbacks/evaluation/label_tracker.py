@@ -87,3 +87,31 @@ def label_tracker(history: pd.DataFrame, metric: str = "loss", bounds: None | st
     frame = LabelTrackerFrame(pd.concat(frames).reset_index()[["label", "n_epoch", "bounds", "low", "mean", "high"]])
     frame.metric = metric
     return frame
+
+
+def save_label_tracker_plot(store, model_name: str, version_name: str, path=None, metric: str = "loss",
+                            bounds: None | str | Iterable = "std", dataset_type: str = "train"):
+    """Draw the LabelTracker graph straight from the committed traces and save it as a PNG.
+
+    The framework callbacks call this at training end. Default path:
+    ``<store>/<model>/<version>/label_tracker_<dataset_type>_<metric>.png``. Returns the path.
+    """
+    from ..store import resolve_store
+    from .classification import drop_duplicate_units, load_units, unit_signals
+
+    store = resolve_store(store)
+    meta = store.read_meta(model_name, version_name)
+    epochs = sorted(p.n_epoch for p in store.partitions(model_name, version_name)
+                    if p.dataset_type == dataset_type and p.ranks_committed)
+    frames = []
+    for epoch in epochs:
+        table = store.read_traces(model_name, version_name, dataset_type, [epoch], exclude_columns=("features",))
+        units, _ = drop_duplicate_units(load_units(table, meta))
+        frames.append(unit_signals(units).assign(dataset_type=dataset_type))
+    if not frames:
+        raise KeyError(f"no committed {dataset_type} traces for {model_name}/{version_name}")
+    tracker = label_tracker(pd.concat(frames, ignore_index=True), metric=metric, bounds=bounds,
+                            dataset_type=dataset_type)
+    path = path or store.version_dir(model_name, version_name) / f"label_tracker_{dataset_type}_{metric}.png"
+    tracker.plot(str(path), title=f"{model_name}/{version_name}")
+    return path
