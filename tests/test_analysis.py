@@ -312,3 +312,18 @@ def test_feature_width_changes_between_datasets(store_dir):
     result = evaluate(store_dir)
     assert any("8-d but the reference set's are 16-d" in note for note in result.notes)
     assert set(result.samples()["dataset_type"]) == {"train", "val"}
+
+
+def test_feature_width_differs_between_ranks_of_one_epoch(store_dir, monkeypatch):
+    rng = np.random.default_rng(9)
+    for rank, width in ((0, 8), (1, 16)):  # e.g. two ranks configured with different feature layers
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        tracer = ClassificationTracer(identity, "m", "v1", store=store_dir)
+        tracer.record(rng.normal(size=(50, 3)), rng.integers(0, 3, 50), input_ids=np.arange(rank * 50, rank * 50 + 50),
+                      features=rng.normal(size=(50, width)))
+        tracer.wait_for_save()
+    result = evaluate(store_dir)
+    assert result.metrics_summary().iloc[0]["counts"] == 100
+    assert any("rows of different widths [8, 16]" in note for note in result.notes)
+    assert not any("no features captured" in note for note in result.notes)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from scipy.special import entr, softmax
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -32,6 +33,7 @@ class ClassificationUnits:
     logits: np.ndarray | None  # (N, C) float64 when the model gave logits and they were stored densely
     logit_margin: np.ndarray | None
     features: np.ndarray | None  # (N, D) float32
+    feature_problem: str | None = None  # why stored features could not be used
 
     def __len__(self) -> int:
         return len(self.label)
@@ -42,12 +44,20 @@ class ClassificationUnits:
 
         return ClassificationUnits(self.input_id[index], self.n_epoch[index], self.rank[index],
                                    self.label[index], self.probs[index], pick(self.logits),
-                                   pick(self.logit_margin), pick(self.features))
+                                   pick(self.logit_margin), pick(self.features), self.feature_problem)
 
 
 def _matrix(table: pa.Table, column: str, dtype=np.float64) -> np.ndarray:
+    """A list column as an (N, width) matrix; ValueError when rows have different widths (parts written
+    by tracers with different settings end up as variable-size lists after concatenation)."""
     array = table.column(column).combine_chunks()
-    width = array.type.list_size
+    if pa.types.is_fixed_size_list(array.type):
+        width = array.type.list_size
+    else:
+        widths = pc.unique(pc.list_value_length(array)).to_pylist()
+        if len(widths) != 1:
+            raise ValueError(f"{column} has rows of different widths {sorted(w for w in widths if w is not None)}")
+        width = widths[0]
     return array.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
 
 
@@ -65,10 +75,14 @@ def load_units(table: pa.Table, meta: dict) -> ClassificationUnits:
         probs = _dense_from_topk(table, label, int(meta["num_classes"]))
     if "logit_margin" in table.column_names:
         logit_margin = table.column("logit_margin").to_numpy().astype(np.float64)
-    features = _matrix(table, "features", np.float32) if "features" in table.column_names else None
-    if features is not None and table.column("features").null_count:
-        features = None
-    return ClassificationUnits(
+    features, feature_problem = None, None
+    if "features" in table.column_names:
+        try:
+            features = _matrix(table, "features", np.float32)
+        except ValueError as exc:  # e.g. ranks that captured different layers
+            feature_problem = str(exc)
+    return ClassificationUnits(feature_problem=feature_problem,
+        
         input_id=np.asarray(table.column("input_id").to_pylist(), dtype=object),
         n_epoch=table.column("n_epoch").to_numpy().astype(np.int64),
         rank=table.column("rank").to_numpy().astype(np.int64),

@@ -119,6 +119,9 @@ class _Run:
         key = (dataset_type, epoch)
         if key not in self._units:
             units, duplicates = drop_duplicate_units(load_units(self.read(dataset_type, epoch, True), self.meta))
+            if units.feature_problem:
+                self.note(f"{dataset_type} epoch {epoch}: stored features are not used ({units.feature_problem}); "
+                          "feature-space signals use the probabilities")
             if duplicates:
                 self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate input_id(s) across ranks removed "
                           "(distributed sampler padding)")
@@ -196,8 +199,9 @@ class _Run:
         kind = "features"
         if units.features is None or ref_units.features is None:
             kind = "probs"
-            self.note(f"{dataset_type} epoch {epoch}: no features captured; feature-space signals use the "
-                      "predicted probabilities instead")
+            if not (units.feature_problem or ref_units.feature_problem):  # already noted when loading
+                self.note(f"{dataset_type} epoch {epoch}: no features captured; feature-space signals use "
+                          "the predicted probabilities instead")
         elif units.features.shape[1] != ref_units.features.shape[1]:
             kind = "probs"
             self.note(f"{dataset_type} epoch {epoch}: features are {units.features.shape[1]}-d but the reference "
