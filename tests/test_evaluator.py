@@ -182,3 +182,15 @@ def test_summary_prints_and_html_report(store_dir, rng, tmp_path, capsys):
     text = report.read_text()
     assert "<table" in text and "error_proba_auroc" in text
     assert "<td>50</td>" in text.replace(" ", "")
+
+
+def test_epoch_traced_again_after_a_resume_keeps_the_newest_rows(store_dir, rng):
+    logits, labels = make_logits(rng, 60, 3)
+    trace(store_dir, logits, labels, epoch=0)
+    trace(store_dir, logits, labels, epoch=1)  # the run stops here; its checkpoint was from epoch 0
+    newer = logits[:, ::-1].copy()  # the resumed run traces epoch 1 again, with other predictions
+    trace(store_dir, newer, labels, epoch=1)
+    samples = Evaluator("m", "v1").request_evaluation(n_epoch=1).samples()
+    samples = samples.assign(i=samples["input_id"].astype(int)).sort_values("i")
+    assert len(samples) == 60
+    np.testing.assert_array_equal(samples["pred"], softmax(newer.astype(np.float64), axis=1).argmax(1))

@@ -171,14 +171,14 @@ class TraceCore:
                 raise
             if key is not None:
                 self._recorded.add(key)
-            self._skip("invalid_batch", _safe_len(outputs), str(exc))
+            self.skip("invalid_batch", _safe_len(outputs), str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - user tensors can fail in any way; never break training
             if self.strict:
                 raise
             if key is not None:
                 self._recorded.add(key)
-            self._skip("invalid_batch", _safe_len(outputs), f"{type(exc).__name__}: {exc}")
+            self.skip("invalid_batch", _safe_len(outputs), f"{type(exc).__name__}: {exc}")
             return
         self._recorded.add((dataset_type, epoch))
         if size == 0:
@@ -271,7 +271,9 @@ class TraceCore:
                 if self._worker is None or not self._worker.is_alive():
                     raise TraceWriteError("the tracing worker is not running; traces cannot be saved")
 
-    def _skip(self, reason: str, rows: int, message: str) -> None:
+    def skip(self, reason: str, rows: int, message: str) -> None:
+        """Count ``rows`` skipped for ``reason`` (adapters use this for what they refuse themselves);
+        the first time a reason occurs it is warned about, with ``message`` naming the fix."""
         with self._lock:
             self._stats.rows_skipped[reason] += rows
             first = reason not in self._warned
@@ -298,7 +300,7 @@ class TraceCore:
                     return
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything
                 log.exception("mldbg-callbacks: tracing worker error")
-                self._skip("internal_error", 0, f"{type(exc).__name__}: {exc}")
+                self.skip("internal_error", 0, f"{type(exc).__name__}: {exc}")
                 if kind == "flush":
                     extra.set()
 
@@ -316,11 +318,11 @@ class TraceCore:
             try:
                 encoded = self.codec.encode(item)
             except Exception as exc:  # noqa: BLE001
-                self._skip("invalid_batch", size, str(exc) if isinstance(exc, TraceInputError)
+                self.skip("invalid_batch", size, str(exc) if isinstance(exc, TraceInputError)
                            else f"{type(exc).__name__}: {exc}")
                 return
         for problem in encoded.problems:
-            self._skip(problem.reason, problem.count, problem.message)
+            self.skip(problem.reason, problem.count, problem.message)
         table = self._drop_duplicates(key, encoded.table)
         with self._lock:
             self._stats.batches += 1
@@ -414,7 +416,7 @@ class TraceCore:
         while self._buffer_rows[key] > 4 * self.rows_per_part and len(self._buffers[key]) > 1:
             dropped = self._buffers[key].pop(0)
             self._buffer_rows[key] -= dropped.num_rows
-            self._skip("write_failed", dropped.num_rows, "the store kept failing and the retry buffer is full")
+            self.skip("write_failed", dropped.num_rows, "the store kept failing and the retry buffer is full")
             with self._lock:  # lost for good: reported by wait_for_save() even after the store recovers
                 self._write_failures.append((key, _RowsDropped(
                     f"{dropped.num_rows} row(s) dropped because the store kept failing")))

@@ -106,10 +106,12 @@ def _dense_from_topk(table: pa.Table, label: np.ndarray, num_classes: int) -> np
 
 
 def drop_duplicate_units(units: ClassificationUnits) -> tuple[ClassificationUnits, int]:
-    """Keep one row per (n_epoch, input_id), the lowest rank's: distributed samplers pad the last
-    batch with samples another rank already traced."""
+    """Keep one row per (n_epoch, input_id): the lowest rank's (distributed samplers pad the last batch
+    with samples another rank already traced) and, within a rank, the newest row (an epoch traced
+    again after resuming from an earlier checkpoint replaces the stale rows)."""
     frame = pd.DataFrame({"n_epoch": units.n_epoch, "input_id": units.input_id, "rank": units.rank})
-    order = np.lexsort((units.rank, units.n_epoch))  # stable: by epoch, then rank
+    newest_first = -np.arange(len(units))
+    order = np.lexsort((newest_first, units.rank, units.n_epoch))
     keep = order[~frame.iloc[order].duplicated(["n_epoch", "input_id"]).to_numpy()]
     keep.sort()
     return units.take(keep), len(units) - len(keep)
