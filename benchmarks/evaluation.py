@@ -26,7 +26,7 @@ import pyarrow as pa
 
 def write_traces(root: str, n: int, epochs: int, classes: int, dim: int, seed: int = 0) -> float:
     from mldbg_callbacks.store import LocalStore
-    from mldbg_callbacks.tasks.classification import _fixed_list
+    from mldbg_callbacks.core.vectors import vector_table
 
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(classes, dim)).astype(np.float32) * 0.3  # overlapping classes: real errors
@@ -41,9 +41,8 @@ def write_traces(root: str, n: int, epochs: int, classes: int, dim: int, seed: i
     for epoch in range(epochs):
         features = base + 0.1 * rng.normal(size=(n, dim)).astype(np.float32)
         logits = (features @ centers.T) * (0.2 + 0.1 * epoch) + 0.3 * rng.normal(size=(n, classes)).astype(np.float32)
-        table = pa.table({"input_id": ids, "label": pa.array(labels, pa.int64()),
-                          "logits": _fixed_list(logits.astype(np.float32)),
-                          "features": _fixed_list(features.astype(np.float16))})
+        table = vector_table({"input_id": ids, "label": pa.array(labels, pa.int64()),
+                              "logits": logits.astype(np.float32), "features": features.astype(np.float16)})
         part = writer.write_part("train", epoch, 0, table)
         writer.commit("train", epoch, 0, [part], n, 1)
     writer.write_meta({"task": "classification", "num_classes": classes, "output_kind": "logits",

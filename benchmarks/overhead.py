@@ -236,7 +236,7 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
 
 
 # -- 2. training-thread cost ---------------------------------------------------------------------
-def precomputed_batches(s: Setup, count: int, with_grad_outputs: bool = False):
+def precomputed_batches(s: Setup, count: int):
     """``count`` batches of (x, y, outputs, features) from the model, as independent tensors."""
     forward_tracer = ClassificationTracer(s.model, "probe", "probe", store=tempfile.mkdtemp(prefix="mldbg-probe-"))
     perm = s.epoch_order()
@@ -420,6 +420,8 @@ def main(argv=None) -> dict:
                    help="batches of 256 per epoch (default 400: ~1.3 s per plain epoch on 2 idle cores)")
     p.add_argument("--quick", action="store_true", help="small run for a CI smoke test")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads() (default: torch's)")
+    p.add_argument("--no-features", action="store_true",
+                   help="trace the training loop with feature_layer=False (outputs and labels only)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-batches", type=int, default=None,
@@ -450,7 +452,8 @@ def main(argv=None) -> dict:
             "model": f"Linear({IN_DIM},{HIDDEN})-ReLU-Linear({HIDDEN},{CLASSES})",
             "optimizer": args.optimizer, "batches_per_epoch": args.batches_per_epoch,
             "quick": args.quick, "seed": args.seed,
-            "tracer": "ClassificationTracer(model, feature_layer=None (auto), defaults)",
+            "tracer": "ClassificationTracer(model, feature_layer=%s, other arguments default)"
+                      % ("False" if args.no_features else "None (auto: input of the last Linear)"),
         },
         "env": {
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -469,14 +472,15 @@ def main(argv=None) -> dict:
     try:
         s = Setup(args.batches_per_epoch, args.seed, lr=0.05, optimizer=args.optimizer)
         if "training" not in skip:
-            tracer = ClassificationTracer(s.model, "bench", "v", store=store_root)
+            tracer = ClassificationTracer(s.model, "bench", "v", store=store_root,
+                                          feature_layer=False if args.no_features else None)
             result["training"] = bench_training(s, tracer, args.rounds, args.epochs, args.wait_quiet)
             result["training"]["tracer_stats"] = {
                 k: v for k, v in vars(tracer.stats).items() if k != "rows_skipped"}
             result["training"]["tracer_stats"]["rows_skipped"] = dict(tracer.stats.rows_skipped)
             tracer.close()
             log(f"training: ratio {result['training']['ratio_traced_over_plain']:.3f}")
-            if "storage" not in skip:
+            if "storage" not in skip and not args.no_features:
                 result["storage"] = {"with_features": parquet_bytes(store_root / "bench" / "v")}
         pool_size = 16 if args.quick else 64
         batches = precomputed_batches(s, pool_size)
@@ -487,14 +491,16 @@ def main(argv=None) -> dict:
         if "storage" not in skip:
             result.setdefault("storage", {})
             if "with_features" not in result["storage"]:
-                tracer = ClassificationTracer(s.model, "bench", "v", store=store_root)
+                # the training section was skipped or ran without features: a forward-only epoch
+                tracer = ClassificationTracer(s.model, "bench_feat", "v", store=store_root)
                 with torch.no_grad():
                     perm = s.epoch_order()
                     for b in range(s.batches):
                         x, y, ids = s.batch(perm, b)
                         tracer(x, y, input_ids=ids, dataset_type="train", n_epoch=0)
-                tracer.wait_for_save(); tracer.close()
-                result["storage"]["with_features"] = parquet_bytes(store_root / "bench" / "v")
+                tracer.wait_for_save()
+                tracer.close()
+                result["storage"]["with_features"] = parquet_bytes(store_root / "bench_feat" / "v")
             result["storage"]["without_features"] = bench_storage_no_features(s, store_root, epochs=2)
             w, wo = result["storage"]["with_features"], result["storage"]["without_features"]
             result["storage"]["features_bytes_per_sample_epoch"] = (
@@ -507,6 +513,20 @@ def main(argv=None) -> dict:
             result["worker"]["stages_single_thread"] = bench_worker_stages(
                 store_root, batches, part_rows=(4096 if args.quick else 65536))
             log(f"worker: {result['worker']['rows_per_s']:.0f} rows/s")
+        if "training" in result and "worker" in result:
+            t, st = result["training"], result["worker"]["stages_single_thread"]
+            train_cpu_us = t["process_cpu_s_per_epoch"]["plain"] / t["samples_per_epoch"] * 1e6
+            worker_us = st["total_us_per_batch"] / BATCH
+            result["analysis"] = {
+                "plain_training_cpu_us_per_sample": train_cpu_us,
+                "worker_cpu_us_per_sample_single_thread": worker_us,
+                # with every core busy training, the worker's CPU time can only come out of training's:
+                "cpu_bound_ratio_floor": 1.0 + worker_us / train_cpu_us,
+                "worker_budget_us_per_sample_for_target": 0.05 * train_cpu_us,
+                "note": "cpu_bound_ratio_floor = 1 + worker CPU / training CPU per sample: the best traced/plain "
+                        "ratio possible while training keeps all cores busy and the worker does its work "
+                        "during the epoch; reaching target_ratio needs worker CPU <= the budget above",
+            }
     finally:
         if not args.keep_store:
             shutil.rmtree(store_root, ignore_errors=True)

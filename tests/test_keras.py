@@ -27,6 +27,7 @@ from mldbg_callbacks.core.trace_core import TraceWarning  # noqa: E402
 from mldbg_callbacks.errors import TraceInputError  # noqa: E402
 from mldbg_callbacks.evaluator import Evaluator  # noqa: E402
 from mldbg_callbacks.integrations.keras import MLDebuggerCallback  # noqa: E402
+from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, VERSION = "digits", "v1"
@@ -77,7 +78,7 @@ def partitions(root, version=VERSION) -> dict:
     for marker in sorted(base.glob("dataset_type=*/n_epoch=*/rank=*/_COMMITTED")):
         key = (marker.parent.parent.parent.name.split("=")[1], int(marker.parent.parent.name.split("=")[1]))
         for part in json.loads(marker.read_text())["parts"]:
-            found.setdefault(key, []).extend(pq.read_table(marker.parent / part).to_pylist())
+            found.setdefault(key, []).extend(decoded_rows(pq.read_table(marker.parent / part)))
     return found
 
 

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -27,6 +28,7 @@ from mldbg_callbacks.errors import MLDebuggerError, TraceInputError  # noqa: E40
 from mldbg_callbacks.evaluator import Evaluator  # noqa: E402
 from mldbg_callbacks.integrations.lightning import MLDebuggerCallback  # noqa: E402
 from mldbg_callbacks.store import LocalStore  # noqa: E402
+from mldbg_callbacks.core.vectors import decoded_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = digits_arrays()
@@ -42,7 +44,7 @@ def make_trainer(callbacks, max_epochs=2, **kwargs) -> "pl.Trainer":
 
 def traces(store_dir, dataset_type, epoch, version=VERSION, model=MODEL):
     """The committed rows of one partition as a DataFrame (every rank)."""
-    return LocalStore(store_dir).read_traces(model, version, dataset_type, [epoch]).to_pandas()
+    return pd.DataFrame(decoded_rows(LocalStore(store_dir).read_traces(model, version, dataset_type, [epoch])))
 
 
 def epochs_of(store_dir, version=VERSION, model=MODEL) -> dict[str, list[int]]:

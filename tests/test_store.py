@@ -22,6 +22,7 @@ from mldbg_callbacks.errors import InvalidNameError, NoTracesError, RemoteStoreN
 from mldbg_callbacks.store import LocalStore, RunWriter, resolve_store
 from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
+from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
 
 MODEL, VERSION = "m", "v1"
 
@@ -219,7 +220,7 @@ def test_reader_ignores_spilled_but_uncommitted_parts(tmp_path, rng):
     order = np.argsort([str(i) for i in range(10)])
     assert table.column("input_id").to_pylist() == sorted(str(i) for i in range(10))
     np.testing.assert_array_equal(table.column("label").to_numpy(), labels[order])
-    np.testing.assert_array_equal(np.stack(table.column("logits").to_numpy(zero_copy_only=False)), logits[order])
+    np.testing.assert_array_equal(decode_vectors(table, "logits"), logits[order])
     assert set(table.column("n_epoch").to_pylist()) == {0} and set(table.column("rank").to_pylist()) == {0}
 
 
@@ -374,15 +375,18 @@ def test_parquet_is_readable_with_plain_pyarrow_dataset(tmp_path, rng):
     schema = table.schema
     assert schema.field("input_id").type == pa.string()
     assert schema.field("label").type == pa.int64()
-    assert schema.field("logits").type == pa.list_(pa.float32(), num_classes)
-    assert schema.field("features").type == pa.list_(pa.float16(), width)
+    # vectors: fixed-size binary whose field metadata says how to decode it (docs/storage.md)
+    assert schema.field("logits").type == pa.binary(4 * num_classes)
+    assert schema.field("logits").metadata == {b"mldbg.dtype": b"<f4", b"mldbg.width": str(num_classes).encode()}
+    assert schema.field("features").type == pa.binary(2 * width)
+    assert schema.field("features").metadata == {b"mldbg.dtype": b"<f2", b"mldbg.width": str(width).encode()}
     assert table.num_rows == len(expected)
     rows = table.to_pylist()
     for row in rows:
         label, logits, features = expected[(row["dataset_type"], int(row["n_epoch"]), row["input_id"])]
         assert row["rank"] == 0 and row["label"] == label
-        np.testing.assert_array_equal(np.array(row["logits"], np.float32), logits)
-        np.testing.assert_array_equal(np.array(row["features"], np.float16), features.astype(np.float16))
+        np.testing.assert_array_equal(np.frombuffer(row["logits"], "<f4"), logits)
+        np.testing.assert_array_equal(np.frombuffer(row["features"], "<f2"), features.astype(np.float16))
     assert len({(r["dataset_type"], r["n_epoch"], r["input_id"]) for r in rows}) == len(expected)
 
     meta = json.loads((tmp_path / MODEL / VERSION / "_meta.json").read_text())

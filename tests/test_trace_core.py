@@ -25,6 +25,7 @@ from mldbg_callbacks.errors import EpochNotRecordedError, TraceInputError, Trace
 from mldbg_callbacks.store import LocalStore, RunWriter
 from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
+from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
 
 MODEL, VERSION = "m", "v1"
 C = 3  # classes of the default batches
@@ -52,7 +53,7 @@ def committed_rows(root, dataset_type="train", n_epoch=None) -> dict:
         if (dataset_type is not None and d != dataset_type) or (n_epoch is not None and e != n_epoch):
             continue
         for part in json.loads(marker.read_text())["parts"]:
-            for row in pq.read_table(rank_dir / part).to_pylist():
+            for row in decoded_rows(pq.read_table(rank_dir / part)):
                 key = (d, e, r, row["input_id"])
                 assert key not in rows, f"row stored twice: {key}"
                 rows[key] = row
@@ -561,9 +562,9 @@ def test_half_precision_torch_outputs(tmp_path, rng, dtype):
             (part,) = (Path(tmp_path) / MODEL / version).rglob("*.parquet")
             table = pq.read_table(part)
             assert version in table.column_names, f"{dtype} {version} stored as {table.column_names}"
-            stored = np.stack(table.column(version).to_numpy(zero_copy_only=False))
+            stored = decode_vectors(table, version)
             np.testing.assert_array_equal(stored, outputs.float().numpy())
-            np.testing.assert_array_equal(np.stack(table.column("features").to_numpy(zero_copy_only=False)),
+            np.testing.assert_array_equal(decode_vectors(table, "features"),
                                           features.float().numpy().astype(np.float16))
 
 
@@ -582,10 +583,10 @@ def test_binary_outputs(tmp_path, rng):
         (part,) = (Path(tmp_path) / MODEL / version).rglob("*.parquet")
         table = pq.read_table(part).sort_by("input_id")
         assert kind in table.column_names, version
-        np.testing.assert_allclose(np.stack(table.column(kind).to_numpy(zero_copy_only=False)), expected, atol=1e-6)
+        np.testing.assert_allclose(decode_vectors(table, kind), expected, atol=1e-6)
         np.testing.assert_array_equal(table.column("label").to_numpy(), labels.astype(np.int64))
         if kind == "logits":  # the stored pair encodes the same probability as the sigmoid
-            stored = np.stack(table.column(kind).to_numpy(zero_copy_only=False))
+            stored = decode_vectors(table, kind)
             np.testing.assert_allclose(scipy.special.softmax(stored, axis=1)[:, 1], p, rtol=1e-5)
         meta = json.loads((Path(tmp_path) / MODEL / version / "_meta.json").read_text())
         assert meta["num_classes"] == 2 and meta["output_kind"] == kind
@@ -607,7 +608,7 @@ def test_output_kind_detection(tmp_path, rng, kind, make, output_kind):
     (part,) = Path(tmp_path).rglob("*.parquet")
     table = pq.read_table(part).sort_by("input_id")
     assert set(table.column_names) == {"input_id", "label", kind}
-    np.testing.assert_array_equal(np.stack(table.column(kind).to_numpy(zero_copy_only=False)), outputs)
+    np.testing.assert_array_equal(decode_vectors(table, kind), outputs)
 
 
 def test_output_kind_is_fixed_by_the_first_batch(tmp_path, rng):
@@ -637,8 +638,8 @@ def test_top_k_storage_above_max_stored_classes(tmp_path, rng, top_k):
 
     reference = scipy.special.softmax(z.astype(np.float64), axis=1)
     k = min(top_k, num_classes)
-    index = np.stack(table.column("topk_index").to_numpy(zero_copy_only=False))
-    prob = np.stack(table.column("topk_prob").to_numpy(zero_copy_only=False))
+    index = decode_vectors(table, "topk_index")
+    prob = decode_vectors(table, "topk_prob")
     assert index.shape == prob.shape == (n, k)
     for i in range(n):
         assert set(index[i]) == set(np.argsort(-reference[i])[:k])
@@ -662,7 +663,7 @@ def test_top_k_storage_of_probabilities(tmp_path, rng):
     table = pq.read_table(part).sort_by("input_id")
     assert set(table.column_names) == {"input_id", "label", "topk_index", "topk_prob", "label_prob"}
     np.testing.assert_array_equal(table.column("label_prob").to_numpy(), probs[np.arange(n), labels])
-    index = np.stack(table.column("topk_index").to_numpy(zero_copy_only=False))
+    index = decode_vectors(table, "topk_index")
     for i in range(n):
         assert set(index[i]) == set(np.argsort(-probs[i])[:3])
 
@@ -679,7 +680,7 @@ def test_wide_features_are_projected(tmp_path, rng):
     stored = np.stack([np.array(rows[("train", 0, 0, str(i))]["features"], np.float32) for i in range(len(features))])
     assert stored.shape == (len(features), target)
     (part,) = Path(tmp_path).rglob("*.parquet")
-    assert pq.read_table(part).schema.field("features").type.list_size == target
+    assert int(pq.read_table(part).schema.field("features").metadata[b"mldbg.width"]) == target
     # a linear map: sums and scalings are preserved (up to float16 rounding)
     np.testing.assert_allclose(stored[n:n + 5], stored[:5] + stored[5:10], atol=0.05 * np.abs(stored).max())
     np.testing.assert_allclose(stored[n + 5:], 3 * stored[:5], atol=0.05 * np.abs(stored).max())

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from mldbg_callbacks.training import ClassificationTracer  # noqa: E402
+from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
 
 MODEL, VERSION = "m", "v1"
 
@@ -34,7 +35,7 @@ def stored_rows(root, version=VERSION, n_epoch=None) -> dict:
         if n_epoch is not None and marker.parent.parent.name != f"n_epoch={n_epoch}":
             continue
         for part in json.loads(marker.read_text())["parts"]:
-            for row in pq.read_table(marker.parent / part).to_pylist():
+            for row in decoded_rows(pq.read_table(marker.parent / part)):
                 rows[row["input_id"]] = row
     return rows
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 from scipy.special import entr, softmax
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
+
+from ..core.vectors import decode_vectors
 
 METRIC_COLUMNS = ["dataset", "counts", "accuracy", "auroc", "auprc", "net_entropy_loss", "net_entropy",
                   "error_proba_auroc", "error_proba_auprc"]
@@ -48,17 +49,7 @@ class ClassificationUnits:
 
 
 def _matrix(table: pa.Table, column: str, dtype=np.float64) -> np.ndarray:
-    """A list column as an (N, width) matrix; ValueError when rows have different widths (parts written
-    by tracers with different settings end up as variable-size lists after concatenation)."""
-    array = table.column(column).combine_chunks()
-    if pa.types.is_fixed_size_list(array.type):
-        width = array.type.list_size
-    else:
-        widths = pc.unique(pc.list_value_length(array)).to_pylist()
-        if len(widths) != 1:
-            raise ValueError(f"{column} has rows of different widths {sorted(w for w in widths if w is not None)}")
-        width = widths[0]
-    return array.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
+    return decode_vectors(table, column).astype(dtype, copy=False)
 
 
 def load_units(table: pa.Table, meta: dict) -> ClassificationUnits:

@@ -3,6 +3,8 @@
 Stored per sample and epoch (``docs/storage.md`` has the byte counts):
 
 - ``input_id`` (string), ``label`` (int64)
+Vector columns are fixed-size binary with dtype/width metadata (``core/vectors.py``):
+
 - ``logits`` or ``probs``: float32 vector of the C class scores when C <= ``max_stored_classes``;
   above that only the ``top_k`` largest probabilities (``topk_index``/``topk_prob``), the label's
   probability (``label_prob``) and, for logits, the AUM margin (``logit_margin``), so storage stays
@@ -20,6 +22,7 @@ import pyarrow as pa
 from ..core.arrays import leading_dim, to_numpy
 from ..core.batch import EncodedBatch, PendingBatch, RowProblem
 from ..core.hashing import row_hashes
+from ..core.vectors import vector_table
 from ..errors import TraceInputError
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -105,8 +108,8 @@ class ClassificationCodec:
         columns = {"input_id": pa.array(ids, type=pa.string()), "label": pa.array(labels, type=pa.int64())}
         columns.update(self._score_columns(scores, labels))
         if features is not None:
-            columns["features"] = _fixed_list(np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
-        return EncodedBatch(pa.table(columns), problems)
+            columns["features"] = np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+        return EncodedBatch(vector_table(columns), problems)
 
     def run_meta(self) -> dict:
         return {
@@ -211,7 +214,7 @@ class ClassificationCodec:
 
     def _score_columns(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, pa.Array]:
         if not self._topk:
-            return {self.output_kind: _fixed_list(scores)}
+            return {self.output_kind: scores}
         if self.output_kind == "logits":
             probs = _softmax(scores)
             label_logit = scores[np.arange(len(scores)), labels]
@@ -222,8 +225,8 @@ class ClassificationCodec:
             probs, columns = scores, {}
         k = min(self.top_k, probs.shape[1])  # top_k may exceed the number of classes
         top = np.argpartition(-probs, k - 1, axis=1)[:, :k].astype(np.int32)
-        columns["topk_index"] = _fixed_list(top)
-        columns["topk_prob"] = _fixed_list(np.take_along_axis(probs, top, axis=1).astype(np.float32))
+        columns["topk_index"] = top
+        columns["topk_prob"] = np.take_along_axis(probs, top, axis=1).astype(np.float32)
         columns["label_prob"] = pa.array(probs[np.arange(len(probs)), labels], type=pa.float32())
         return columns
 
@@ -232,8 +235,3 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted, dtype=np.float64)
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    matrix = np.ascontiguousarray(matrix)
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
