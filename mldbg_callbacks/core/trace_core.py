@@ -337,6 +337,10 @@ class TraceCore:
     def _drop_duplicates(self, key: PartitionKey, table: pa.Table) -> pa.Table:
         ids = table.column("input_id").to_pylist()
         seen = self._seen_ids[key]
+        unique = set(ids)
+        if len(unique) == len(ids) and seen.isdisjoint(unique):  # the usual case, decided in C
+            seen |= unique
+            return table
         keep = np.ones(len(ids), dtype=bool)
         for i, input_id in enumerate(ids):  # batch-sized loop over a hash set
             if input_id in seen:

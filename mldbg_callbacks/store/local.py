@@ -35,9 +35,11 @@ from .names import validate_name
 COMMIT_MARKER = "_COMMITTED"
 PENDING_PREFIX = "_pending-"
 META_FILE = "_meta.json"
-# zstd level 1 and no dictionaries for vector columns: the tracing worker shares the machine with
-# training, and these settings cost ~1/3 of the CPU of level 3 with dictionaries at the same size.
-PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1, "use_dictionary": ["input_id", "label"]}
+# The tracing worker shares the machine with training: zstd level 1, a dictionary only for labels
+# (ids are unique per epoch) and statistics only on scalar columns (min/max of 1 KB vectors are useless)
+# cost a fraction of the CPU of the defaults at the same size (benchmarks/overhead.py).
+PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1, "use_dictionary": ["label"],
+                   "write_statistics": ["input_id", "label"]}
 
 
 def _atomic_write(path: Path, write: Any) -> None:

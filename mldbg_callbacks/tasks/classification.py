@@ -19,13 +19,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..core.arrays import leading_dim, to_numpy
+from ..core.arrays import leading_dim, to_float16, to_numpy
 from ..core.batch import EncodedBatch, PendingBatch, RowProblem
 from ..core.hashing import row_hashes
 from ..core.vectors import vector_table
 from ..errors import TraceInputError
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class ClassificationCodec:
@@ -108,7 +106,7 @@ class ClassificationCodec:
         columns = {"input_id": pa.array(ids, type=pa.string()), "label": pa.array(labels, type=pa.int64())}
         columns.update(self._score_columns(scores, labels))
         if features is not None:
-            columns["features"] = np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+            columns["features"] = to_float16(features)
         return EncodedBatch(vector_table(columns), problems)
 
     def run_meta(self) -> dict:
@@ -194,6 +192,8 @@ class ClassificationCodec:
             if not np.all(ids == np.round(ids)):
                 raise TraceInputError("input_ids are non-integer floats; pass ints or strings")
             ids = ids.astype(np.int64)
+        if ids.dtype.kind in "iu":  # Arrow's cast is ~6x faster than NumPy's int -> str
+            return pa.array(ids).cast(pa.string()).to_numpy(zero_copy_only=False)
         return ids.astype(str).astype(object)
 
     def _features(self, features: np.ndarray | None, size: int) -> np.ndarray | None:
