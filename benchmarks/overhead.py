@@ -104,7 +104,7 @@ def wait_quiet(max_s: float, threshold: float = 0.15) -> float | None:
 
 # -- setup -------------------------------------------------------------------------------------
 class Setup:
-    def __init__(self, batches_per_epoch: int, seed: int, lr: float, optimizer: str):
+    def __init__(self, batches_per_epoch: int, seed: int, lr: float, optimizer: str, model: str = "mlp"):
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.n = batches_per_epoch * BATCH
@@ -112,11 +112,19 @@ class Setup:
         x = rng.standard_normal((self.n, IN_DIM), dtype=np.float32)
         teacher = rng.standard_normal((IN_DIM, CLASSES)).astype(np.float32)
         logits = x @ teacher + 2.0 * rng.standard_normal((self.n, CLASSES)).astype(np.float32)
-        self.x = torch.from_numpy(x)
         self.y = torch.from_numpy(logits.argmax(axis=1).astype(np.int64))
         self.rng = rng
-        self.model = torch.nn.Sequential(torch.nn.Linear(IN_DIM, HIDDEN), torch.nn.ReLU(),
-                                         torch.nn.Linear(HIDDEN, CLASSES))
+        if model == "cnn":  # a CIFAR-100-sized convnet: 3x32x32 inputs, 512-d penultimate features
+            self.x = torch.from_numpy(np.repeat(x[:, :192], 16, axis=1).reshape(self.n, 3, 32, 32))
+            self.model = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, HIDDEN), torch.nn.ReLU(),
+                torch.nn.Linear(HIDDEN, CLASSES))
+        else:  # worst case for the tracer: almost no compute per sample
+            self.x = torch.from_numpy(x)
+            self.model = torch.nn.Sequential(torch.nn.Linear(IN_DIM, HIDDEN), torch.nn.ReLU(),
+                                             torch.nn.Linear(HIDDEN, CLASSES))
         if optimizer == "adam":
             self.opt = torch.optim.Adam(self.model.parameters(), lr=lr / 50)
         else:
@@ -423,6 +431,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-features", action="store_true",
                    help="trace the training loop with feature_layer=False (outputs and labels only)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
+                   help="mlp: Linear-ReLU-Linear, the tracer's worst case; cnn: a small CIFAR-sized convnet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-batches", type=int, default=None,
                    help="batches recorded for the worker throughput test (default 2 x batches-per-epoch)")
@@ -449,7 +459,8 @@ def main(argv=None) -> dict:
         "benchmark": "mldbg_callbacks tracer overhead",
         "setup": {
             "batch": BATCH, "input_dim": IN_DIM, "feature_dim": HIDDEN, "classes": CLASSES,
-            "model": f"Linear({IN_DIM},{HIDDEN})-ReLU-Linear({HIDDEN},{CLASSES})",
+            "model": (f"Linear({IN_DIM},{HIDDEN})-ReLU-Linear({HIDDEN},{CLASSES})" if args.model == "mlp" else
+                      f"Conv(3,32)-Pool-Conv(32,64)-Pool-Linear(4096,{HIDDEN})-ReLU-Linear({HIDDEN},{CLASSES}) on 3x32x32"),
             "optimizer": args.optimizer, "batches_per_epoch": args.batches_per_epoch,
             "quick": args.quick, "seed": args.seed,
             "tracer": "ClassificationTracer(model, feature_layer=%s, other arguments default)"
@@ -470,7 +481,7 @@ def main(argv=None) -> dict:
     }
     t_start = time.perf_counter()
     try:
-        s = Setup(args.batches_per_epoch, args.seed, lr=0.05, optimizer=args.optimizer)
+        s = Setup(args.batches_per_epoch, args.seed, lr=0.05, optimizer=args.optimizer, model=args.model)
         if "training" not in skip:
             tracer = ClassificationTracer(s.model, "bench", "v", store=store_root,
                                           feature_layer=False if args.no_features else None)

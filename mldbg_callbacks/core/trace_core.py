@@ -19,6 +19,7 @@ import atexit
 import collections
 import logging
 import numbers
+import os
 import queue
 import threading
 import time
@@ -285,6 +286,7 @@ class TraceCore:
 
     # -- worker thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        _lower_thread_priority()
         while True:
             kind, payload, extra = self._queue.get()
             try:
@@ -451,6 +453,20 @@ class _Encoded:
     dataset_type: str
     n_epoch: int
     size: int
+
+
+def _lower_thread_priority(niceness: int = 10) -> None:
+    """Give the worker thread a lower CPU priority than training (Linux: per-thread nice value).
+
+    On a machine whose cores training keeps busy, the worker then runs in the gaps (data loading,
+    Python overhead, barrier waits) instead of preempting a training thread in the middle of a parallel
+    region, which would stall its sibling threads. When the worker falls behind, the bounded queue
+    blocks ``record()`` and the worker gets the CPU, so traces are never lost.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 def _handed_over(batch: PendingBatch) -> PendingBatch:
