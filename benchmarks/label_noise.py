@@ -116,11 +116,12 @@ def run(epochs: int = 15, noise: float = 0.1, seed: int = 0, store: str | None =
 def _final_probs(store: str, version: str, epoch: int) -> np.ndarray:
     from scipy.special import softmax
 
+    from mldbg_callbacks.core.vectors import decode_vectors
     from mldbg_callbacks.store import LocalStore
 
     table = LocalStore(store).read_traces("digits", version, "train", [epoch], exclude_columns=("features",))
     order = np.argsort(np.array(table.column("input_id").to_pylist(), dtype=int))
-    logits = np.stack(table.column("logits").to_numpy(zero_copy_only=False))[order]
+    logits = decode_vectors(table, "logits")[order]
     return softmax(logits.astype(np.float64), axis=1)
 
 

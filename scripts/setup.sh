@@ -26,8 +26,10 @@ fi
 stamp="$venv/.installed-$profile"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing .[$extras] with constraints.txt (first time on this machine: a few minutes)"
-  "$venv/bin/python" -m pip install -q --upgrade setuptools wheel -c "$repo/constraints.txt"
-  "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" -e "$repo[$extras]"
+  # (this machine's pip configuration names local indexes that warn once per package: filtered out)
+  quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+  quiet "$venv/bin/python" -m pip install -q --upgrade setuptools wheel -c "$repo/constraints.txt"
+  quiet "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" -e "$repo[$extras]"
   touch "$stamp"
 fi
 # Point the editable install at this checkout (the environment may be shared by several clones).
