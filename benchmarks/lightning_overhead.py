@@ -44,6 +44,7 @@ import lightning.pytorch as pl
 from mldbg_callbacks.integrations.lightning import MLDebuggerCallback
 
 BATCH, IN_DIM, HIDDEN, CLASSES = 256, 256, 512, 100
+MODEL = "mlp"  # set from --model
 
 
 def log(msg: str) -> None:
@@ -51,13 +52,22 @@ def log(msg: str) -> None:
 
 
 class MLP(pl.LightningModule):
-    def __init__(self, seed: int = 0):
+    """The tracer's worst case (almost no compute per sample); ``cnn=True``: a small CIFAR-sized convnet
+    on 3x32x32 inputs with the same 512-d penultimate features and 100 classes."""
+
+    def __init__(self, seed: int = 0, cnn: bool = False):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(torch.nn.Linear(IN_DIM, HIDDEN), torch.nn.ReLU(),
-                                       torch.nn.Linear(HIDDEN, CLASSES))
+        body = [torch.nn.Linear(IN_DIM, HIDDEN)] if not cnn else [
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, HIDDEN)]
+        self.cnn = cnn
+        self.net = torch.nn.Sequential(*body, torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES))
 
     def forward(self, x):
+        if self.cnn:  # the synthetic rows, tiled into 3x32x32 images
+            x = x[:, :192].repeat_interleave(16, dim=1).reshape(len(x), 3, 32, 32)
         return self.net(x)
 
     def training_step(self, batch, batch_idx):  # returns only the loss: the callback reads the forward
@@ -163,7 +173,7 @@ def fit_once(train: TensorDataset, val: TensorDataset, epochs: int, callback: ML
                          callbacks=[callback] if callback is not None else [])
     loaders = (DataLoader(train, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)),
                DataLoader(val, batch_size=BATCH))
-    model = MLP()
+    model = MLP(cnn=MODEL == "cnn")
     snapshot = cpu_snapshot()
     cpu_start, start = time.process_time(), time.perf_counter()
     trainer.fit(model, *loaders)
@@ -186,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch.set_num_threads (0: torch's default, every core)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     args = parser.parse_args(argv)
+    global MODEL
+    MODEL = args.model
     if args.quick:
         args.rounds, args.epochs, args.train_batches, args.val_batches = 1, 1, 8, 2
 
