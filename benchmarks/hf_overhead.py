@@ -47,39 +47,11 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 import mldbg_callbacks  # noqa: E402
 from mldbg_callbacks.integrations.transformers import MLDebuggerCallback  # noqa: E402
+from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
 
 
 def log(message: str) -> None:
     print(f"[hf_overhead] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_snapshot():
-    """(machine busy CPU s, this process's CPU s, wall s), or None where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / tick, time.process_time(), time.perf_counter()
-
-
-def foreign_cores(before, after) -> float | None:
-    """Average number of cores other processes used between two snapshots."""
-    if before is None or after is None:
-        return None
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2])
-
-
-def wait_quiet(max_s: float, threshold: float) -> None:
-    deadline = time.perf_counter() + max_s
-    while time.perf_counter() < deadline:
-        before = cpu_snapshot()
-        time.sleep(1.0)
-        load = foreign_cores(before, cpu_snapshot())
-        if load is None or load < threshold:
-            return
 
 
 class ForwardCounter:

@@ -53,6 +53,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 from mldbg_callbacks.evaluation.label_tracker import save_label_tracker_plot  # noqa: E402
 from mldbg_callbacks.integrations.keras import MLDebuggerCallback  # noqa: E402
+from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
 
 BATCH = 64
 QUIET = 0.25  # an epoch counts as undisturbed when other processes used fewer cores than this
@@ -64,35 +65,6 @@ def log(msg: str) -> None:
 
 def median(values) -> float | None:
     return float(statistics.median(values)) if values else None
-
-
-def cpu_snapshot():
-    """(machine busy CPU s, this process's CPU s, wall s), or None where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
-
-
-def foreign_cores(before, after) -> float | None:
-    """Average number of cores other processes used between two snapshots (shared machines)."""
-    if before is None or after is None:
-        return None
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2])
-
-
-def wait_quiet(max_s: float) -> None:
-    deadline = time.perf_counter() + max_s
-    while time.perf_counter() < deadline:
-        a = cpu_snapshot()
-        time.sleep(2.0)
-        load = foreign_cores(a, cpu_snapshot())
-        if load is None or load < QUIET:
-            return
-        log(f"other processes use {load:.2f} cores; waiting for a quiet machine")
 
 
 class EpochStart(keras.callbacks.Callback):
@@ -188,7 +160,7 @@ def measure_fit(data: tuple, rounds: int, epochs: int, quiet_wait_s: float) -> d
         one_fit(False, data, 2, store, run)
         for r in range(rounds):
             if quiet_wait_s > 0:
-                wait_quiet(quiet_wait_s)
+                wait_quiet(quiet_wait_s, QUIET)
             order = (False, True, True, False) if r % 2 == 0 else (True, False, False, True)
             for is_traced in order:
                 run += 1

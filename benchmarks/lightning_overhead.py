@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning.pytorch as pl
 from mldbg_callbacks.integrations.lightning import MLDebuggerCallback
+from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
 
 BATCH, IN_DIM, HIDDEN, CLASSES = 256, 256, 512, 100
 MODEL = "mlp"  # set from --model
@@ -87,35 +88,6 @@ def synthetic(n: int, rng: np.random.Generator, teacher: np.ndarray, offset: int
     y = (x @ teacher + 2.0 * rng.standard_normal((n, CLASSES)).astype(np.float32)).argmax(axis=1)
     return TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)),
                          torch.arange(offset, offset + n))
-
-
-def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(machine busy CPU s, this process's CPU s, wall s); None where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
-
-
-def foreign_cores(before, after) -> float | None:
-    """Average number of cores other processes used between two snapshots (the machine is shared)."""
-    if before is None or after is None:
-        return None
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (after[2] - before[2])
-
-
-def wait_quiet(max_s: float, threshold: float = 0.15) -> None:
-    deadline = time.perf_counter() + max_s
-    while time.perf_counter() < deadline:
-        before = cpu_snapshot()
-        time.sleep(2.0)
-        load = foreign_cores(before, cpu_snapshot())
-        if load is None or load < threshold:
-            return
-        log(f"other processes use {load:.2f} cores; waiting for a quiet machine")
 
 
 class TimedCallback(MLDebuggerCallback):

@@ -44,6 +44,7 @@ import mldbg_callbacks
 from mldbg_callbacks.core.batch import PendingBatch
 from mldbg_callbacks.store import local as local_store
 from mldbg_callbacks.training import ClassificationTracer
+from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
 
 BATCH = 256
 QUIET = 0.1  # an epoch counts as undisturbed when other processes used fewer cores than this
@@ -70,39 +71,6 @@ def summary_us(seconds: list[float]) -> dict:
             "p90_us": pct(us, 90), "p99_us": pct(us, 99), "max_us": max(us) if us else None}
 
 
-def cpu_snapshot():
-    """(machine busy CPU s, this process's CPU s, wall s), or None where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / tick, time.process_time(), time.perf_counter()
-
-
-def foreign_cpu(before, after) -> float | None:
-    """Average number of cores used by other processes between two snapshots."""
-    if before is None or after is None:
-        return None
-    busy = after[0] - before[0]
-    own = after[1] - before[1]
-    return max(0.0, busy - own) / (after[2] - before[2])
-
-
-def wait_quiet(max_s: float, threshold: float = 0.15) -> float | None:
-    """Wait (up to max_s) until other processes use less than ``threshold`` cores over 2 s."""
-    deadline = time.perf_counter() + max_s
-    while True:
-        a = cpu_snapshot(); time.sleep(2.0); b = cpu_snapshot()
-        load = foreign_cpu(a, b)
-        if load is None or load < threshold or time.perf_counter() > deadline:
-            return load
-        log(f"other processes use {load:.2f} cores; waiting for a quiet machine")
-
-
-# -- setup -------------------------------------------------------------------------------------
 class Setup:
     def __init__(self, batches_per_epoch: int, seed: int, lr: float, optimizer: str, model: str = "mlp"):
         rng = np.random.default_rng(seed)
@@ -169,7 +137,7 @@ def run_epoch(s: Setup, tracer: ClassificationTracer | None, epoch: int, call_ti
     if cpu_times is not None:
         cpu_times.append(time.process_time() - cpu0)
     if foreign is not None:
-        foreign.append(foreign_cpu(snap, cpu_snapshot()))
+        foreign.append(foreign_cores(snap, cpu_snapshot()))
     return wall
 
 
@@ -208,7 +176,7 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
         log(f"round {r + 1}/{rounds}: plain {median(plain):.3f}s traced {median(traced):.3f}s "
             f"wait {median(waits):.3f}s (medians so far)")
     mp, mt, mw = median(plain), median(traced), median(traced_with_wait)
-    other = foreign_cpu(snap0, cpu_snapshot())
+    other = foreign_cores(snap0, cpu_snapshot())
     # epochs during which other processes used < QUIET cores (the machine is shared in CI/dev boxes)
     clean_p = [t for t, f in zip(plain, plain_foreign) if f is None or f < QUIET]
     clean_t = [t for t, f in zip(traced, traced_foreign) if f is None or f < QUIET]

@@ -27,7 +27,7 @@ from mldbg_callbacks.core.trace_core import TraceWarning  # noqa: E402
 from mldbg_callbacks.errors import TraceInputError  # noqa: E402
 from mldbg_callbacks.evaluator import Evaluator  # noqa: E402
 from mldbg_callbacks.integrations.keras import MLDebuggerCallback  # noqa: E402
-from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
+from mldbg_callbacks.core.vectors import decoded_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL, VERSION = "digits", "v1"

@@ -19,10 +19,10 @@ import pytest
 
 from mldbg_callbacks.core.trace_core import TraceCore
 from mldbg_callbacks.errors import InvalidNameError, NoTracesError, RemoteStoreNotAvailable
-from mldbg_callbacks.store import LocalStore, RunWriter, resolve_store
+from mldbg_callbacks.store import LocalStore, resolve_store
 from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
-from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
+from mldbg_callbacks.core.vectors import decode_vectors
 
 MODEL, VERSION = "m", "v1"
 

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from mldbg_callbacks.training import ClassificationTracer  # noqa: E402
-from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
+from mldbg_callbacks.core.vectors import decoded_rows
 
 MODEL, VERSION = "m", "v1"
 
