@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,9 @@ from mldbg_callbacks.errors import InvalidNameError, NoTracesError, RemoteStoreN
 from mldbg_callbacks.store import LocalStore, resolve_store
 from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
-from mldbg_callbacks.core.vectors import decode_vectors
+from mldbg_callbacks.core.vectors import decode_vectors, vector_table
+
+from trace_helpers import barrier
 
 MODEL, VERSION = "m", "v1"
 
@@ -46,20 +47,11 @@ def small_table(ids, num_classes=3, seed=0) -> pa.Table:
     rng = np.random.default_rng(seed)
     ids = [str(i) for i in ids]
     logits = rng.standard_normal((len(ids), num_classes)).astype(np.float32)
-    return pa.table({
+    return vector_table({
         "input_id": pa.array(ids, pa.string()),
         "label": pa.array(rng.integers(0, num_classes, len(ids)), pa.int64()),
-        "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), num_classes),
+        "logits": logits,  # a vector column, as the codec writes it
     })
-
-
-def barrier(core: TraceCore, timeout: float = 10.0) -> None:
-    """Wait until the worker has handled everything queued so far (a flush that matches no partition)."""
-    if core._worker is None:
-        return
-    done = threading.Event()
-    core._put(("flush", -1, done))
-    assert done.wait(timeout), "tracing worker did not answer"
 
 
 def all_files(root: Path) -> list[Path]:

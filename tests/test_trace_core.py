@@ -27,6 +27,8 @@ from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
 from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
 
+from trace_helpers import barrier, failing_part_writes
+
 MODEL, VERSION = "m", "v1"
 C = 3  # classes of the default batches
 
@@ -67,15 +69,6 @@ def ids_of(rows: dict) -> set:
 def committed_epochs(root, dataset_type="train") -> set:
     traces = Path(root) / MODEL / VERSION / "traces" / f"dataset_type={dataset_type}"
     return {int(m.parent.parent.name.split("=")[1]) for m in traces.glob("n_epoch=*/rank=*/_COMMITTED")}
-
-
-def barrier(core: TraceCore, timeout: float = 10.0) -> None:
-    """Wait until the worker has handled everything queued so far (a flush that matches no partition)."""
-    if core._worker is None:
-        return
-    done = threading.Event()
-    core._put(("flush", -1, done))
-    assert done.wait(timeout), "tracing worker did not answer"
 
 
 def trace_warnings(caught, fragment: str) -> list:
@@ -400,15 +393,7 @@ def test_write_part_failure_names_the_store_and_keeps_the_rows(tmp_path, rng, mo
 
 def test_transient_failure_during_training_does_not_fail_a_later_successful_save(tmp_path, rng, monkeypatch):
     """A write that failed during training but succeeded on retry is durable: wait_for_save must not raise."""
-    real = RunWriter.write_part
-    state = {"fail": True}
-
-    def flaky_write_part(self, *args, **kwargs):
-        if state["fail"]:
-            raise OSError(5, "I/O error")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(RunWriter, "write_part", flaky_write_part)
+    state = failing_part_writes(monkeypatch)
     tracer = make_tracer(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TraceWarning)
@@ -423,15 +408,7 @@ def test_transient_failure_during_training_does_not_fail_a_later_successful_save
 
 
 def test_rows_dropped_while_the_store_kept_failing_are_reported(tmp_path, rng, monkeypatch):
-    real = RunWriter.write_part
-    state = {"fail": True}
-
-    def flaky_write_part(self, *args, **kwargs):
-        if state["fail"]:
-            raise OSError(5, "I/O error")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(RunWriter, "write_part", flaky_write_part)
+    state = failing_part_writes(monkeypatch)
     store = LocalStore(tmp_path)
     core = TraceCore(ClassificationCodec(), store.run(MODEL, VERSION), rows_per_part=2)
     with warnings.catch_warnings():

@@ -31,9 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from ..errors import EpochNotRecordedError, MLDebuggerError, TraceInputError, TraceWriteError
+from ..errors import EpochNotRecordedError, TraceInputError, TraceWriteError
 from ..store.names import validate_name
-from .arrays import hand_over
+from .arrays import hand_over, leading_dim
 from .batch import EncodedBatch, PendingBatch, TaskCodec
 from .distributed import rank_and_world_size
 
@@ -112,6 +112,7 @@ class TraceCore:
         self._world_size = 1
         # caller-thread state
         self._recorded: set[PartitionKey] = set()
+        self._valid_dataset_types: set[str] = set()
         self._warned: set[str] = set()
         # worker-thread state
         self._buffers: dict[PartitionKey, list[pa.Table]] = collections.defaultdict(list)
@@ -157,31 +158,22 @@ class TraceCore:
         ``input_ids`` identify samples across epochs; without them a content hash of ``inputs``
         is the id. ``n_epoch=None`` records into epoch 0.
         """
-        key = None  # set once epoch and dataset_type are valid: a skipped batch still records its epoch
+        if dataset_type not in self._valid_dataset_types:  # validated once per name, not per batch
+            self._valid_dataset_types.add(validate_name(dataset_type, "dataset_type"))
         try:
             epoch = _validate_epoch(n_epoch)
-            validate_name(dataset_type, "dataset_type")
-            key = (dataset_type, epoch)
+            self._recorded.add((dataset_type, epoch))  # also when the batch is skipped below
             if input_ids is None and inputs is None:
                 raise TraceInputError("input_ids is None and no inputs were given to hash: pass input_ids=")
             batch = PendingBatch(outputs, targets, input_ids, features,
                                  inputs if input_ids is None else None, dataset_type, epoch)
             size = self.codec.check(batch)
-        except MLDebuggerError as exc:
-            if self.strict or not isinstance(exc, TraceInputError):
-                raise
-            if key is not None:
-                self._recorded.add(key)
-            self.skip("invalid_batch", _safe_len(outputs), str(exc))
-            return
         except Exception as exc:  # noqa: BLE001 - user tensors can fail in any way; never break training
             if self.strict:
                 raise
-            if key is not None:
-                self._recorded.add(key)
-            self.skip("invalid_batch", _safe_len(outputs), f"{type(exc).__name__}: {exc}")
+            message = str(exc) if isinstance(exc, TraceInputError) else f"{type(exc).__name__}: {exc}"
+            self.skip("invalid_batch", _safe_len(outputs), message)
             return
-        self._recorded.add((dataset_type, epoch))
         if size == 0:
             return
         item: PendingBatch | EncodedBatch
@@ -485,8 +477,6 @@ def _validate_epoch(n_epoch: Any) -> int:
 
 def _safe_len(value: Any) -> int:
     try:
-        from .arrays import leading_dim
-
         return leading_dim(value) or 0
     except Exception:  # noqa: BLE001
         return 0
