@@ -1,5 +1,9 @@
 """Hugging Face ``Trainer``: trace every sample of its training and evaluation steps, no extra forward pass.
 
+Classifiers (sequence, image) and ``transformers`` ``*ForObjectDetection`` detectors (DETR, Conditional /
+Deformable DETR, Table Transformer, YOLOS, RT-DETR, ...) are traced; which one is decided when training
+begins, from the model's class.
+
 Example::
 
     from transformers import Trainer, TrainingArguments
@@ -43,9 +47,27 @@ the LabelTracker graph (``label_tracker_plot=True``) next to the traces. Gradien
 Trainer's mixed precision (bf16/fp16 outputs are widened) and a short last batch need nothing special.
 Under DDP every rank traces its own shard; padding duplicates are removed at evaluation.
 
+**Object detection** (a ``transformers`` ``*ForObjectDetection`` model): the same forward hook decodes
+``logits`` / ``pred_boxes`` with the model family's own ``post_process_object_detection``
+(``integrations/detectors/hf_detr.py``, as ``HFDetrTracer`` does), at ``score_thresh`` and
+``max_detections_per_image`` (``None`` = what the model's processor keeps, else 0.05 / 300), into
+``[x1, y1, x2, y2]`` pixels of the ``pixel_values`` canvas (each image's unpadded extent when the batch
+has a ``pixel_mask``; predictions clipped to it). Ground truth comes from ``labels=`` in Hugging Face's
+format (per image ``{"class_labels", "boxes": normalised cxcywh}``, as the DETR image processors make
+them), converted with the same sizes. Features: the decoder output (``last_hidden_state``) averaged over
+queries, or ``feature_layer``'s output mean-pooled. One row per image goes to a detection core
+(``mldbg_callbacks.training.detection_core``); train and eval steps, epochs, ids and the failure policy
+are as for classifiers; no LabelTracker PNG (a classification view). The Trainer needs a data collator
+that stacks ``pixel_values`` (and ``pixel_mask``) and keeps ``labels`` a list of dicts, and
+``remove_unused_columns=False`` when the dataset holds raw columns the collator reads (the usual DETR
+fine-tuning setup); evaluation with ``compute_metrics`` needs ``eval_do_concat_batches=False``, as in
+Hugging Face's object detection guide, because labels are lists of variable-length dicts. A detector
+wrapped in your own ``nn.Module`` (class name not ``*ForObjectDetection``) is refused with a pointer to
+``ObjectDetectionTracer``, which traces any detector in a custom loop.
+
 Bad input follows the package's failure policy (``docs/reliability.md``): with ``strict=False`` a
-forward without labels, a detection or token-classification model, or a batch that cannot be read is
-warned about once and counted in ``callback.stats``; training goes on. ``strict=True`` raises.
+forward without labels, a segmentation, wrapped-detector or token-classification model, or a batch
+that cannot be read is warned about once and counted in ``callback.stats``; training goes on. ``strict=True`` raises.
 """
 
 from __future__ import annotations
@@ -71,8 +93,10 @@ from mldbg_callbacks.core.trace_core import TraceStats, TraceWarning
 from mldbg_callbacks.errors import MLDebuggerError, TraceInputError
 from mldbg_callbacks.store import LocalStore, resolve_store
 from mldbg_callbacks.store.names import validate_name
-from mldbg_callbacks.training import classification_core
+from mldbg_callbacks.training import (DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESH, classification_core,
+                                      detection_core)
 
+from .detectors import hf_detr
 from .torch_model import TorchFeatureCapture
 
 __all__ = ["MLDebuggerCallback", "token_fingerprint"]
@@ -80,18 +104,21 @@ __all__ = ["MLDebuggerCallback", "token_fingerprint"]
 # The batch entry that carries ids (and a reference to the labels) from the collator to the forward hook.
 BATCH_KEY = "mldbg_trace"
 _SKIP = object()  # evaluation context: this evaluation is not traced
+# refused, except transformers *ForObjectDetection models, which are traced as detectors
 _DETECTION_HEADS = ("ForObjectDetection", "ForInstanceSegmentation", "ForPanopticSegmentation")
 _OWNERS: "weakref.WeakKeyDictionary[torch.nn.Module, MLDebuggerCallback]" = weakref.WeakKeyDictionary()
 
 
 class MLDebuggerCallback(TrainerCallback):
-    """Trace a Hugging Face classifier's per-sample logits, labels and features during ``Trainer.train()``.
+    """Trace a Hugging Face classifier's per-sample logits, labels and features, or a ``*ForObjectDetection``
+    model's per-image detections and ground truth, during ``Trainer.train()``.
 
     Args:
         model_name, version_name: identify the run in the store (letters, digits, ``_ . - + @``).
         store: a directory, a ``LocalStore``, or ``None`` (MLD_HOME, else ``./mldbg``).
-        feature_layer: ``None`` = input of the last ``nn.Linear`` (penultimate features); a module name
-            (``"bert.pooler"``) = that module's output; ``False`` = no features.
+        feature_layer: ``None`` = input of the last ``nn.Linear`` (penultimate features; for detectors the
+            decoder output averaged over queries); a module name (``"bert.pooler"``) = that module's output
+            (for detectors mean-pooled over space or tokens); ``False`` = no features.
         id_column: dataset column(s) holding a sample id, first match wins; ``None`` = content hashes.
         label_tracker_plot: save the LabelTracker PNG (loss by label over epochs) at training end.
         handoff_rows: consecutive batches of one dataset and epoch are handed to the tracing core together
@@ -100,6 +127,8 @@ class MLDebuggerCallback(TrainerCallback):
             less than many small ones. ``strict=True`` hands over every batch (errors raise at once).
         flush_every, strict, output_kind, max_stored_classes, top_k, max_feature_dim,
             max_pending_batches: as for ``ClassificationTracer``.
+        score_thresh, max_detections_per_image: detection models only, as for ``ObjectDetectionTracer``
+            (``None`` = what the model's image processor keeps, else 0.05 / 300).
 
     Add it once: ``Trainer(..., callbacks=[MLDebuggerCallback(...)])``. A second instance on the same
     Trainer or model warns and does nothing. Added later with ``trainer.add_callback()``, the training
@@ -110,7 +139,8 @@ class MLDebuggerCallback(TrainerCallback):
                  feature_layer: Any = None, id_column: str | Sequence[str] | None = ("id", "idx"),
                  label_tracker_plot: bool = True, handoff_rows: int = 256, flush_every: int = 1, strict: bool = False,
                  output_kind: str = "auto", max_stored_classes: int = 128, top_k: int = 32,
-                 max_feature_dim: int = 1024, max_pending_batches: int = 32):
+                 max_feature_dim: int = 1024, max_pending_batches: int = 32, score_thresh: float | None = None,
+                 max_detections_per_image: int | None = None):
         self.model_name = validate_name(model_name, "model_name")
         self.version_name = validate_name(version_name, "version_name")
         self.store = resolve_store(store)
@@ -118,6 +148,13 @@ class MLDebuggerCallback(TrainerCallback):
                                         flush_every=flush_every, strict=strict, output_kind=output_kind,
                                         max_stored_classes=max_stored_classes, top_k=top_k,
                                         max_feature_dim=max_feature_dim, max_pending_batches=max_pending_batches)
+        self.task = "classification"  # "detection" once training a *ForObjectDetection model (on_train_begin)
+        self.core_options = {"flush_every": flush_every, "strict": strict, "output_kind": output_kind,
+                             "max_stored_classes": max_stored_classes, "top_k": top_k,
+                             "max_feature_dim": max_feature_dim, "max_pending_batches": max_pending_batches}
+        self.score_thresh = score_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.detection_settings: dict | None = None  # of the detection core, once there is one
         if feature_layer is not None and feature_layer is not False and not isinstance(feature_layer, str):
             raise TypeError("feature_layer must be None, False or a module name such as 'bert.pooler' "
                             f"(an nn.Module object cannot be matched to the Trainer's model), got {feature_layer!r}")
@@ -150,12 +187,14 @@ class MLDebuggerCallback(TrainerCallback):
         self._eval_context: Any = None       # dataset_type of the running evaluation, _SKIP, or None
         self._traced_evals: set = set()
         self._warned: set = set()
+        self._decoder: Any = None            # detection: hf_detr.DetrDecoder of the model being trained
         self._handoff = Handoff(self.core, 1 if self.strict else self.handoff_rows)
 
     def __getstate__(self) -> dict:
         # Hooks, thread-locals and the Trainer do not pickle; a copy starts detached (TraceCore likewise).
         keep = ("model_name", "version_name", "store", "core", "feature_layer", "id_columns",
-                "label_tracker_plot", "strict", "handoff_rows", "label_tracker_path")
+                "label_tracker_plot", "strict", "handoff_rows", "label_tracker_path", "task", "core_options",
+                "score_thresh", "max_detections_per_image", "detection_settings")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict) -> None:
@@ -224,9 +263,14 @@ class MLDebuggerCallback(TrainerCallback):
             return
         if owner is not None and owner is not self:
             owner._remove_run_hooks()  # left over from an earlier run that did not finish
-        if any(type(model).__name__.endswith(head) for head in _DETECTION_HEADS):
+        if hf_detr.is_hf_detector(model):
+            if not self._use_detection(model):
+                return
+        elif any(type(model).__name__.endswith(head) for head in _DETECTION_HEADS):
             self._fail(_detection_message(type(model).__name__), "detection_model", disable=True)
             return
+        else:
+            self._set_core("classification")
         if trainer is None:
             self._warn_once("no_trainer", "MLDebuggerCallback could not find the Trainer it belongs to: samples "
                                           "are identified by content hashes and every evaluation is recorded "
@@ -239,7 +283,10 @@ class MLDebuggerCallback(TrainerCallback):
                                         "training run (resuming from a checkpoint continues the same version)")
         _OWNERS[model] = self  # weak key: the callback keeps no reference to the model after training
         self._hook_model(model)
-        self._capture = TorchFeatureCapture(model, self.feature_layer)
+        # detectors: features come from the output (last_hidden_state) unless a layer is named
+        capture_layer = self.feature_layer if self.task == "classification" or isinstance(self.feature_layer, str) \
+            else False
+        self._capture = None if capture_layer is False else TorchFeatureCapture(model, capture_layer)
         self._handles = [model.register_forward_hook(self._after_forward, with_kwargs=True)]
         try:
             self._updates_per_epoch = math.ceil(len(train_dataloader) / max(1, args.gradient_accumulation_steps))
@@ -278,10 +325,49 @@ class MLDebuggerCallback(TrainerCallback):
             warnings.warn(f"mldbg-callbacks: traces of this run could not all be saved: {exc}", TraceWarning,
                           stacklevel=2)
         _barrier()  # the main process plots only after every rank committed its traces
-        if self.label_tracker_plot and state.is_world_process_zero and not self._disabled:
+        if (self.label_tracker_plot and self.task == "classification" and state.is_world_process_zero
+                and not self._disabled):
             self._save_label_tracker()
 
     # -- wiring --------------------------------------------------------------------------------------
+    def _set_core(self, task: str, **detection: Any) -> None:
+        """Record into a core of ``task``. The one made in ``__init__`` is a classification core that has
+        written nothing yet (metadata is written with the first traces), so replacing it is free."""
+        if task == self.task and detection.get("settings") == self.detection_settings:
+            return  # resuming, or training again with the same settings: the same core
+        self._handoff.flush()
+        self.core.close()
+        options = self.core_options
+        if task == "detection":
+            self.core = detection_core(self.model_name, self.version_name, store=self.store,
+                                       **detection["settings"], flush_every=options["flush_every"],
+                                       strict=options["strict"], max_feature_dim=options["max_feature_dim"],
+                                       max_pending_batches=options["max_pending_batches"])
+        else:
+            self.core = classification_core(self.model_name, self.version_name, store=self.store, **options)
+        self.task = task
+        self.detection_settings = detection.get("settings")
+        self._handoff = Handoff(self.core, 1 if self.strict else self.handoff_rows)
+
+    def _use_detection(self, model: torch.nn.Module) -> bool:
+        """Trace ``model`` as a detector: its family's decoder and a detection core. False when it cannot."""
+        try:
+            settings = hf_detr.detr_settings(model)
+            score_thresh = float(_first(self.score_thresh, settings.get("score_thresh"), DEFAULT_SCORE_THRESH))
+            max_detections = int(_first(self.max_detections_per_image, settings.get("max_detections"),
+                                        DEFAULT_MAX_DETECTIONS))
+            hf_detr.refuse_text_conditioned(model)
+            self._decoder = hf_detr.DetrDecoder(model.config, score_thresh, max_detections)
+        except (TypeError, ValueError, AttributeError) as exc:
+            self._fail(f"{type(model).__name__} cannot be traced as a detector: {exc}", "detection_model",
+                       disable=True)
+            return False
+        core_settings = {"num_classes": settings["num_classes"], "class_names": settings.get("class_names"),
+                         "score_thresh": score_thresh, "iou_thresh": None, "max_detections": max_detections,
+                         "architecture": f"hf.{type(model).__name__}"}
+        self._set_core("detection", settings=core_settings)
+        return True
+
     def _has_traces(self) -> bool:
         try:
             return any(p.ranks_committed for p in self.store.partitions(self.model_name, self.version_name))
@@ -455,6 +541,9 @@ class MLDebuggerCallback(TrainerCallback):
         return "eval" if self._trainer() is None else None
 
     def _trace(self, module, args, kwargs, output, carried, features, dataset_type) -> None:
+        if self.task == "detection":
+            self._trace_detection(module, args, kwargs, output, carried, features, dataset_type)
+            return
         if _get(output, "pred_boxes") is not None:
             self._fail(_detection_message(type(module).__name__), "detection_model", disable=True)
             return
@@ -479,6 +568,32 @@ class MLDebuggerCallback(TrainerCallback):
             ids = next((kwargs[c] for c in self.id_columns if kwargs.get(c) is not None), None)  # forward takes it
         inputs = None if ids is not None else self._content(module, args, kwargs)
         self._handoff.add(logits.detach(), labels, ids, features, inputs, dataset_type, self._epoch)
+
+    def _trace_detection(self, module, args, kwargs, output, carried, features, dataset_type) -> None:
+        """One row per image: the family's decoded detections and the Hugging Face labels, in pixels."""
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None and args and isinstance(args[0], torch.Tensor):
+            pixel_values = args[0]
+        labels = kwargs.get("labels")
+        if labels is None and carried is not None:
+            labels = carried.get("labels")
+        if labels is None:
+            self._skip_unlabelled(dataset_type, _rows(output))
+            return
+        sizes = hf_detr.canvas_sizes(pixel_values, kwargs.get("pixel_mask"))
+        detections = self._decoder(output, sizes)
+        targets = hf_detr.ground_truth_xyxy(labels, sizes.scale)
+        if self.feature_layer is False:
+            features = None
+        elif self._capture is not None:
+            features = hf_detr.pooled_features(features)
+        else:
+            features = hf_detr.query_mean(output)
+        ids = None if carried is None else carried.get("input_id")
+        if ids is None:
+            ids = next((kwargs[c] for c in self.id_columns if kwargs.get(c) is not None), None)
+        self.core.record(detections, targets, input_ids=ids, dataset_type=dataset_type, n_epoch=self._epoch,
+                         features=features, inputs=pixel_values if ids is None else None)
 
     def _content(self, module, args, kwargs) -> Any:
         """What identifies a sample without an id column: its tokens without padding, else its input."""
@@ -786,6 +901,11 @@ def _dataset_name(metric_key_prefix: str) -> str:
 
 def _detection_message(class_name: str) -> str:
     return (f"{class_name} is an object detection model (its outputs have pred_boxes); MLDebuggerCallback traces "
-            "classifiers. Trace detectors with the detection adapters: ObjectDetectionTracer "
-            "(mldbg_callbacks.training)")
+            "classifiers and transformers *ForObjectDetection models (recognised by their class, so not inside "
+            "a wrapper module, and not segmentation heads). Trace other detectors with the detection adapters: "
+            "ObjectDetectionTracer (mldbg_callbacks.training) in your own loop")
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 

@@ -15,6 +15,7 @@ from typing import Callable
 import pandas as pd
 
 from . import __version__
+from .evaluation.detection import evaluate_detection
 from .evaluation.pipeline import evaluate_classification
 from .evaluation.result import Result
 from .evaluation.selection import select_epochs
@@ -24,6 +25,7 @@ from .store.names import validate_name
 __all__ = ["Evaluator", "Result"]
 
 ProgressCallback = Callable[[str, int, int], None]
+EVALUATIONS = {"classification": evaluate_classification, "object_detection": evaluate_detection}
 
 
 class Evaluator:
@@ -48,8 +50,10 @@ class Evaluator:
         ``progress(stage, done, total)`` is called as the evaluation advances.
         """
         meta = self.store.read_meta(self.model_name, self.version_name)
-        if meta.get("task") != "classification":
-            raise NotImplementedError(f"evaluation of {meta.get('task')!r} traces is not available in this version")
+        task = meta.get("task")
+        if task not in EVALUATIONS:
+            raise NotImplementedError(f"evaluation of {task!r} traces is not available in this version "
+                                      f"(available: {sorted(EVALUATIONS)})")
         partitions = self.store.partitions(self.model_name, self.version_name)
         selection = select_epochs(partitions, n_epoch)
         committed: dict[str, list[int]] = {}
@@ -61,7 +65,7 @@ class Evaluator:
             return self.store.read_traces(self.model_name, self.version_name, dataset_type, [epoch],
                                           exclude_columns=() if with_features else ("features",))
 
-        evaluation = evaluate_classification(read, meta, selection.epochs, committed, risk=risk, progress=progress)
+        evaluation = EVALUATIONS[task](read, meta, selection.epochs, committed, risk=risk, progress=progress)
         if progress:
             progress("saving", 1, 1)
         name = validate_name(result_name, "result_name") if result_name else self._new_result_name(n_epoch)
@@ -72,8 +76,9 @@ class Evaluator:
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__,
         }
-        tables = {"samples": evaluation.samples, "metrics": evaluation.metrics,
-                  "categories": evaluation.categories, "history": evaluation.history}
+        tables = {name: getattr(evaluation, name) for name in ("samples", "metrics", "categories", "history",
+                                                                 "per_class", "tide", "images")
+                  if hasattr(evaluation, name)}
         self.store.save_result(self.model_name, self.version_name, name, result_meta, tables)
         return Result(result_meta, tables)
 

@@ -8,16 +8,23 @@ output unchanged (gradients flow through it, so it can replace ``model(x)`` in a
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .core.trace_core import TraceCore, TraceStats
+from .errors import TraceInputError
 from .store import LocalStore, resolve_store
 from .store.names import validate_name
 from .tasks.classification import ClassificationCodec
+from .tasks.detection import DetectionCodec
 
-__all__ = ["ClassificationTracer", "ObjectDetectionTracer", "ObjectDetection3DTracer"]
+__all__ = ["ClassificationTracer", "ObjectDetectionTracer", "DetectionTracer", "ObjectDetection3DTracer"]
+
+# Fallbacks of the product page when neither the caller nor the model sets a detection threshold.
+DEFAULT_SCORE_THRESH, DEFAULT_IOU_THRESH, DEFAULT_MAX_DETECTIONS = 0.05, 0.5, 300
 
 
 def _class_names(obj: Any) -> list[str]:
@@ -155,10 +162,242 @@ class ClassificationTracer:
         self.close()
 
 
-def ObjectDetectionTracer(model: Any, model_name: str, version_name: str, **kwargs: Any) -> Any:  # noqa: N802
-    """2D object detection tracer factory of the product page (not part of this version yet)."""
-    raise NotImplementedError("ObjectDetectionTracer (2D object detection) is not available in this version "
-                              "yet; ClassificationTracer is")
+def detection_core(model_name: str, version_name: str, *, store: str | os.PathLike | LocalStore | None = None,
+                   num_classes: int | None = None, score_thresh: float = DEFAULT_SCORE_THRESH,
+                   iou_thresh: float | None = DEFAULT_IOU_THRESH, max_detections: int = DEFAULT_MAX_DETECTIONS,
+                   architecture: str = "custom", class_names: Mapping | None = None, flush_every: int = 1,
+                   strict: bool = False, max_feature_dim: int = 1024, max_pending_batches: int = 32) -> TraceCore:
+    """The tracing core of a 2D detection run: what the detection tracers and callbacks record into.
+
+    ``core.record(detections, targets, input_ids=..., dataset_type=..., n_epoch=..., features=None)``
+    with ``detections = {"boxes": [...], "scores": [...], "labels": [...], "image_size": [(h, w), ...]}``
+    (one entry per image, boxes ``[x1, y1, x2, y2]`` pixels) and ``targets`` in either format of the
+    product page.
+    """
+    codec = DetectionCodec(num_classes=num_classes, score_thresh=score_thresh, iou_thresh=iou_thresh,
+                           max_detections=max_detections, architecture=architecture, class_names=class_names,
+                           max_feature_dim=max_feature_dim)
+    run = resolve_store(store).run(validate_name(model_name, "model_name"), validate_name(version_name, "version_name"))
+    return TraceCore(codec, run, flush_every=flush_every, strict=strict, max_pending_batches=max_pending_batches)
+
+
+def detections_per_image(detections: Any, image_sizes: Any = None) -> dict[str, Any]:
+    """Per-image detections as ``{"boxes": [...], "scores": [...], "labels": [...], "image_size": ...}``.
+
+    Accepts a list of dicts with ``boxes``/``scores``/``labels`` (torchvision's output and the
+    ground-truth layout of the product page) or a dict of per-image lists.
+    """
+    if isinstance(detections, Mapping) and all(k in detections for k in ("boxes", "scores", "labels")):
+        out = {k: list(detections[k]) for k in ("boxes", "scores", "labels")}
+    elif isinstance(detections, (list, tuple)) and all(
+            isinstance(d, Mapping) and all(k in d for k in ("boxes", "scores", "labels")) for d in detections):
+        out = {k: [d[k] for d in detections] for k in ("boxes", "scores", "labels")}
+    else:
+        raise TraceInputError(
+            f"detections must be a list of {{'boxes', 'scores', 'labels'}} dicts (one per image) or a dict of "
+            f"per-image lists, got {type(detections).__name__}")
+    out["image_size"] = image_sizes if image_sizes is not None else (
+        detections.get("image_size") if isinstance(detections, Mapping) else None)
+    return out
+
+
+class DetectionTracer:
+    """Trace a 2D object detector's per-image detections and ground truth (base of every family).
+
+    ``ObjectDetectionTracer(model, ...)`` picks the subclass for the model's family; use this class
+    directly with ``postprocess=`` for a model no family covers::
+
+        tracer = DetectionTracer(model, "my_detector", "v1", postprocess=lambda outputs, images: [
+            {"boxes": b, "scores": s, "labels": l} for b, s, l in zip(*my_decode(outputs))])
+        _ = tracer(images, targets, input_ids=image_ids, dataset_type="val", n_epoch=epoch)
+        tracer.wait_for_save()
+
+    Args:
+        model: the detector.
+        model_name, version_name: identify the run in the store.
+        score_thresh, iou_thresh, max_detections_per_image: ``None`` = read from the model, else
+            0.05 / 0.5 / 300. Detections below ``score_thresh`` and beyond the top
+            ``max_detections_per_image`` are not stored; ``iou_thresh`` is the model's NMS IoU
+            (DETR-style models have no NMS and ignore it).
+        postprocess: ``postprocess(outputs, images) -> detections`` (a list of
+            ``{"boxes": (N, 4) xyxy pixels, "scores": (N,), "labels": (N,)}``, one per image), replacing
+            the family's own decoding.
+        num_classes: labels must lie in ``[0, num_classes)``; ``None`` = read from the model.
+        class_names: ``{id: name}``; ``None`` = read from the model where it says.
+        feature_layer: ``None`` = the family's image embedding (pooled backbone output) where it has
+            one; a module name = that layer's output, mean-pooled over space; ``False`` = none.
+        store, flush_every, strict, max_feature_dim, max_pending_batches: as for ClassificationTracer.
+    """
+
+    architecture = "custom"
+    uses_nms = True
+
+    def __init__(self, model: Any, model_name: str, version_name: str, score_thresh: float | None = None,
+                 iou_thresh: float | None = None, max_detections_per_image: int | None = None, *,
+                 postprocess: Callable | None = None, num_classes: int | None = None,
+                 class_names: Mapping | None = None, feature_layer: Any = None,
+                 store: str | os.PathLike | LocalStore | None = None, flush_every: int = 1, strict: bool = False,
+                 max_feature_dim: int = 1024, max_pending_batches: int = 32):
+        self.model = model
+        self.model_name = validate_name(model_name, "model_name")
+        self.version_name = validate_name(version_name, "version_name")
+        self.store = resolve_store(store)
+        self.strict = strict
+        self._postprocess = postprocess
+        self.feature_layer = feature_layer
+        inferred = self.model_settings()
+        if not self.uses_nms and iou_thresh is not None:
+            warnings.warn(f"{self.architecture} has no NMS, so iou_thresh={iou_thresh} is ignored; filtering uses "
+                          "score_thresh and max_detections_per_image", UserWarning, stacklevel=3)
+            iou_thresh = None
+        self.score_thresh = _first(score_thresh, inferred.get("score_thresh"), DEFAULT_SCORE_THRESH)
+        self.iou_thresh = None if not self.uses_nms else _first(iou_thresh, inferred.get("iou_thresh"),
+                                                                  DEFAULT_IOU_THRESH)
+        self.max_detections_per_image = int(_first(max_detections_per_image, inferred.get("max_detections"),
+                                                   DEFAULT_MAX_DETECTIONS))
+        self.num_classes = _first(num_classes, inferred.get("num_classes"), None)
+        self.class_names = class_names if class_names is not None else inferred.get("class_names")
+        self.core = detection_core(self.model_name, self.version_name, store=self.store,
+                                   num_classes=self.num_classes, score_thresh=self.score_thresh,
+                                   iou_thresh=self.iou_thresh, max_detections=self.max_detections_per_image,
+                                   architecture=self.architecture, class_names=self.class_names,
+                                   flush_every=flush_every, strict=strict, max_feature_dim=max_feature_dim,
+                                   max_pending_batches=max_pending_batches)
+
+    # -- what a family overrides --------------------------------------------------------------
+    def model_settings(self) -> dict:
+        """Thresholds and classes the model itself declares: any of ``score_thresh``, ``iou_thresh``,
+        ``max_detections``, ``num_classes``, ``class_names``."""
+        return {}
+
+    def forward(self, images: Any, targets: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        """Run the model; return ``(what the caller gets back, what decode() reads, features or None)``.
+
+        The two differ for models that return losses in training mode (torchvision), where the
+        detections come from an extra inference pass.
+        """
+        outputs = self.model(images, **kwargs)
+        return outputs, outputs, None
+
+    def decode(self, outputs: Any, images: Any) -> Any:
+        """The model's outputs as per-image detections (see ``detections_per_image``)."""
+        raise TraceInputError(f"{type(self).__name__} cannot decode {type(outputs).__name__} outputs; "
+                              "pass postprocess=")
+
+    def image_sizes(self, images: Any) -> list[tuple[int, int]] | None:
+        """(height, width) of every image the boxes refer to: NCHW tensors or a list of CHW tensors."""
+        shape = getattr(images, "shape", None)
+        if shape is not None and len(shape) == 4:
+            return [(int(shape[-2]), int(shape[-1]))] * int(shape[0])
+        if isinstance(images, (list, tuple)) and all(len(getattr(i, "shape", ())) == 3 for i in images):
+            return [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        return None
+
+    # -- tracing ------------------------------------------------------------------------------
+    def __call__(self, images: Any, targets: Any, input_ids: Any = None, dataset_type: str = "train",
+                 n_epoch: int | None = None, **forward_kwargs: Any) -> Any:
+        """Run the model on ``images``, trace detections and ground truth, return the model's output."""
+        outputs, raw, features = self.forward(images, targets, **forward_kwargs)
+        try:
+            detections = self.detections(raw, images)
+        except Exception as exc:  # noqa: BLE001 - tracing must never break the user's loop
+            if self.strict:
+                raise
+            self.core.skip("undecodable_output", _count(images),
+                           str(exc) if isinstance(exc, TraceInputError) else f"{type(exc).__name__}: {exc}")
+            return outputs
+        self.core.record(detections, targets, input_ids=input_ids, dataset_type=dataset_type, n_epoch=n_epoch,
+                         features=features, inputs=images)
+        return outputs
+
+    def detections(self, outputs: Any, images: Any) -> dict[str, Any]:
+        """Decode ``outputs`` (through ``postprocess=`` when given) into per-image detections."""
+        if self._postprocess is not None:
+            decoded = (self._postprocess(outputs) if _arity(self._postprocess) == 1
+                       else self._postprocess(outputs, images))
+        else:
+            decoded = self.decode(outputs, images)
+        sizes = decoded.get("image_size") if isinstance(decoded, Mapping) else None
+        return detections_per_image(decoded, sizes if sizes is not None else self.image_sizes(images))
+
+    def record(self, detections: Any, targets: Any, *, input_ids: Any = None, dataset_type: str = "train",
+               n_epoch: int | None = None, image_sizes: Any = None, features: Any = None,
+               inputs: Any = None) -> None:
+        """Trace detections computed elsewhere (per-image dicts or a dict of lists, xyxy pixels)."""
+        try:
+            detections = detections_per_image(detections, image_sizes)
+        except TraceInputError:
+            if self.strict:
+                raise
+            self.core.skip("undecodable_output", _count(detections), "detections in an unknown format")
+            return
+        self.core.record(detections, targets, input_ids=input_ids, dataset_type=dataset_type, n_epoch=n_epoch,
+                         features=features, inputs=inputs)
+
+    def wait_for_save(self, n_epoch: int | None = None, timeout_s: float | None = None) -> TraceStats:
+        """Block until the traces (of ``n_epoch``, or all) are durable; raise if a write failed."""
+        return self.core.wait_for_save(n_epoch=n_epoch, timeout_s=timeout_s)
+
+    @property
+    def stats(self) -> TraceStats:
+        """Counters: images received, written, skipped by reason, duplicates dropped, write errors."""
+        return self.core.stats
+
+    def close(self) -> None:
+        """Save what is buffered and stop the background worker."""
+        self.core.close()
+        remove = getattr(self, "remove_hooks", None)
+        if remove is not None:
+            remove()
+
+    def __enter__(self) -> "DetectionTracer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model_name={self.model_name!r}, version_name={self.version_name!r}, "
+                f"score_thresh={self.score_thresh}, iou_thresh={self.iou_thresh}, "
+                f"max_detections_per_image={self.max_detections_per_image}, num_classes={self.num_classes})")
+
+
+def ObjectDetectionTracer(model: Any, model_name: str, version_name: str,  # noqa: N802 - the product's name
+                          score_thresh: float | None = None, iou_thresh: float | None = None,
+                          max_detections_per_image: int | None = None, **kwargs: Any) -> DetectionTracer:
+    """Factory of the product page: recognises the detector's framework and architecture and returns
+    the matching ``DetectionTracer`` subclass (the supported families are listed in
+    ``mldbg_callbacks.integrations.detectors``; ``docs/detection.md`` has the table).
+
+    Thresholds left at ``None`` are read from the model, else 0.05 / 0.5 / 300. ``postprocess=``
+    (``outputs, images -> detections``) traces any other model. Other keyword arguments as for
+    ``DetectionTracer``.
+    """
+    from .integrations.detectors import detector_class
+
+    cls = detector_class(model, postprocess=kwargs.get("postprocess"))
+    return cls(model, model_name, version_name, score_thresh=score_thresh, iou_thresh=iou_thresh,
+               max_detections_per_image=max_detections_per_image, **kwargs)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _arity(function: Callable) -> int:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return 2 if any(p.kind == p.VAR_POSITIONAL for p in parameters) else len(positional)
+
+
+def _count(value: Any) -> int:
+    try:
+        return len(value)
+    except TypeError:
+        return 0
 
 
 def ObjectDetection3DTracer(model: Any, model_name: str, version_name: str, **kwargs: Any) -> Any:  # noqa: N802

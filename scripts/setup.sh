@@ -30,6 +30,11 @@ if [ ! -f "$stamp" ]; then
   quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
   quiet "$venv/bin/python" -m pip install -q --upgrade setuptools wheel -c "$repo/constraints.txt"
   quiet "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" -e "$repo[$extras]"
+  if [ "$profile" = dev ]; then
+    # KerasHub's detectors run on Keras' torch backend; its declared tensorflow-text dependency would pull
+    # in TensorFlow, which nothing here uses, so it is installed without dependencies (pinned in constraints).
+    quiet "$venv/bin/python" -m pip install -q --no-deps -c "$repo/constraints.txt" keras-hub kagglehub kagglesdk protobuf
+  fi
   touch "$stamp"
 fi
 # Point the editable install at this checkout (the environment may be shared by several clones).

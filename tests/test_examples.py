@@ -24,3 +24,13 @@ def test_classification_sdk_example(tmp_path):
     assert rows["train"][1] == "1347" and rows["val"][1] == "450"  # digits split 75/25, each sample once
     assert float(rows["val"][2]) > 0.8  # three epochs of an MLP on digits learn something
     assert report.is_file() and "error_proba_auroc" in report.read_text()
+
+
+def test_ultralytics_detection_example(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "ultralytics_detection.py"), "--epochs", "2",
+                           "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    partitions = [line.split() for line in done.stdout.splitlines() if line.startswith("  val ")]
+    assert partitions == [["val", "0", "12"], ["val", "1", "12"]]  # one row per val image, no extra epoch
+    assert "stable_coverage_ratio" in done.stdout and "error_type" in done.stdout

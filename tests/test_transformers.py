@@ -309,9 +309,11 @@ def detection_trainer(tmp_path, model, callback):
                    train_dataset=hf_data.DictDataset(rows), data_collator=collate, callbacks=[callback])
 
 
-def test_detection_model_points_to_the_detection_adapters(tmp_path, store_dir):
-    with pytest.raises(TraceInputError, match="ObjectDetectionTracer"):
-        detection_trainer(tmp_path, detr(), MLDebuggerCallback("detr", VERSION, strict=True)).train()
+def test_detection_model_is_traced_and_a_wrapped_detector_points_to_the_detection_adapters(tmp_path, store_dir):
+    # a transformers *ForObjectDetection model is traced as a detector (tests/test_hf_detection.py has the rest)
+    traced = MLDebuggerCallback("detr-traced", VERSION, strict=True)
+    detection_trainer(tmp_path, detr(), traced).train()
+    assert traced.task == "detection" and traced.stats.rows_written == 4
 
     class Detector(torch.nn.Module):  # a wrapper hides the class name: recognised by its pred_boxes output
         def __init__(self):
@@ -321,6 +323,8 @@ def test_detection_model_points_to_the_detection_adapters(tmp_path, store_dir):
         def forward(self, pixel_values, labels=None):
             return self.detr(pixel_values=pixel_values, labels=labels)
 
+    with pytest.raises(TraceInputError, match="ObjectDetectionTracer"):
+        detection_trainer(tmp_path, Detector(), MLDebuggerCallback("detr-strict", VERSION, strict=True)).train()
     callback = MLDebuggerCallback("detr", VERSION)
     with pytest.warns(TraceWarning, match="object detection model .*ObjectDetectionTracer"):
         detection_trainer(tmp_path, Detector(), callback).train()  # training goes on

@@ -477,6 +477,8 @@ def _validate_epoch(n_epoch: Any) -> int:
 
 def _safe_len(value: Any) -> int:
     try:
+        if isinstance(value, dict) and value:  # a dict of per-row columns (detection): rows, not keys
+            value = next(iter(value.values()))
         return leading_dim(value) or 0
     except Exception:  # noqa: BLE001
         return 0

@@ -81,3 +81,36 @@ def decoded_rows(table: pa.Table) -> list[dict]:
             for row, vector in zip(rows, matrix):
                 row[field.name] = vector
     return rows
+
+
+class FeatureReducer:
+    """Keeps stored embeddings bounded: wider than ``max_dim`` they are reduced by a fixed, seeded
+    Gaussian random projection (which preserves cosine geometry, Johnson-Lindenstrauss). Learns the
+    width from the first batch and refuses a different width later."""
+
+    def __init__(self, max_dim: int = 1024):
+        self.max_dim = max_dim
+        self.dim: int | None = None  # width before projection
+        self._projection: np.ndarray | None = None
+
+    def reduce(self, features: np.ndarray | None, size: int) -> np.ndarray | None:
+        if features is None:
+            return None
+        from ..errors import TraceInputError
+
+        features = features.reshape(size, -1).astype(np.float32, copy=False)
+        width = features.shape[1]
+        if self.dim is None:
+            self.dim = width
+            if width > self.max_dim:
+                rng = np.random.default_rng(0)
+                self._projection = (rng.standard_normal((width, self.max_dim)) /
+                                    np.sqrt(self.max_dim)).astype(np.float32)
+        elif width != self.dim:
+            raise TraceInputError(f"features have {width} values per sample but earlier batches had "
+                                  f"{self.dim}; capture one fixed layer (feature_layer=)")
+        return features if self._projection is None else features @ self._projection
+
+    def meta(self) -> dict:
+        return {"feature_dim": self.dim,
+                "stored_feature_dim": None if self.dim is None else min(self.dim, self.max_dim)}

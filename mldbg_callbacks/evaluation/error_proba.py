@@ -29,6 +29,7 @@ MIN_CLASS_COUNT = 5  # errors and non-errors needed in the reference set to fit 
 class ErrorProbaEstimator:
     """Cross-fitted error-probability model of one reference set."""
 
+    inputs: list = field(default_factory=lambda: list(ESTIMATOR_INPUTS))  # detection passes its own signals
     folds: int = 5
     seed: int = 0
     max_train_rows: int = 20000
@@ -40,10 +41,10 @@ class ErrorProbaEstimator:
         wrong = np.asarray(wrong, dtype=bool)
         n_wrong, n_right = int(wrong.sum()), int((~wrong).sum())
         if min(n_wrong, n_right) < MIN_CLASS_COUNT:
-            self.note = (f"error_proba falls back to 1 - msp: the reference set has {n_wrong} wrong and "
+            self.note = (f"error_proba falls back to 1 - msp (1 - score for detection): the reference set has {n_wrong} wrong and "
                          f"{n_right} right predictions (at least {MIN_CLASS_COUNT} of each are needed to fit)")
             return baseline(signals)
-        x = signals[ESTIMATOR_INPUTS].to_numpy(dtype=np.float64)
+        x = signals[self.inputs].to_numpy(dtype=np.float64)
         folds = min(self.folds, n_wrong, n_right)
         scores = np.empty(len(x))
         rng = np.random.default_rng(self.seed)
@@ -62,7 +63,7 @@ class ErrorProbaEstimator:
         """Score units the fold models never saw (another dataset, or operation-time logs)."""
         if not self.models:
             return baseline(signals)
-        x = signals[ESTIMATOR_INPUTS].to_numpy(dtype=np.float64)
+        x = signals[self.inputs].to_numpy(dtype=np.float64)
         return np.mean([model.predict_proba(x)[:, 1] for model in self.models], axis=0)
 
 

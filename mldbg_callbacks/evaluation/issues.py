@@ -141,3 +141,108 @@ def assign_classification(samples: pd.DataFrame, tau_op: float, tau_stable: floa
     out["category"] = category
     out["error_code"] = error_code
     return out
+
+
+# -- 2D detection (TIDE's error types, Bolya et al. 2020, plus annotation and stability codes) ------------
+WEAK_LOC_IOU = 0.6  # a true positive below this IoU is only just matched
+
+DETECTION_CODES = {c.code: c for c in [
+    ErrorCode("OD_DUPLICATE_GT",
+              "The ground truth repeats a box of the same class in the same image (IoU >= 0.9).",
+              "Deduplicate the annotations; a duplicate counts as a miss that no model can avoid."),
+    ErrorCode("OD_LABEL_NOISE",
+              "The object is detected with the same other class, confidently, in several epochs: its label "
+              "is likely wrong.",
+              "Review the object's class label and the guideline for the confused pair of classes."),
+    ErrorCode("OD_MISSING_LABEL",
+              "A confident detection where no box is drawn, repeated at the same place across epochs: "
+              "probably an object the annotators missed.",
+              "Check these images for unlabelled objects and add the boxes."),
+    ErrorCode("OD_CLS",
+              "Localised correctly (IoU >= 0.5) but with the wrong class, above the operating score.",
+              "Look at the confused classes: more examples of each, or merge classes that are not separable."),
+    ErrorCode("OD_LOC",
+              "Right class but poorly localised (0.1 <= IoU < 0.5), above the operating score.",
+              "Improve box regression: anchor / input sizes for these object sizes, higher-resolution inputs, "
+              "a localisation-quality loss (GIoU)."),
+    ErrorCode("OD_BOTH",
+              "Wrong class and poorly localised, above the operating score.",
+              "Usually crowded or occluded scenes: check these images, add such examples."),
+    ErrorCode("OD_DUPE",
+              "A second detection of an object already detected (would be a TP without the first).",
+              "Tune NMS (IoU threshold) or use a duplicate-aware head."),
+    ErrorCode("OD_BKG",
+              "A confident detection on background (IoU < 0.1 with every object).",
+              "Add hard negatives like these; check whether they are unlabelled objects."),
+    ErrorCode("OD_MISS",
+              "An object no detection finds at the operating score and no other error explains.",
+              "More examples of such objects (class, size, context); check small-object resolution."),
+    ErrorCode("OD_UNSTABLE",
+              "Found now, but found and lost again across epochs (or its score varies strongly).",
+              "Latent miss: average checkpoints (EMA/SWA) or lower the learning rate; watch these objects."),
+    ErrorCode("OD_WEAK_LOC",
+              f"Found, but only just localised (IoU < {WEAK_LOC_IOU}).",
+              "Latent localisation error: check box quality of these annotations and the regression loss."),
+    ErrorCode("OD_IN_HOTSPOT_SLICE",
+              "Found, but in a class x size slice whose error rate is significantly above the dataset's.",
+              "Latent error: strengthen that slice's data before it shows up in AP."),
+    ErrorCode("OD_LOW_SCORE",
+              "Found, but with a high estimated miss probability (rejected at the operating risk).",
+              "Latent miss: more data like it; it is the first to disappear when the threshold moves."),
+    ErrorCode("OD_OK",
+              "Found and accepted at the operating risk, not yet stable.",
+              "Safe at the chosen risk; no action needed."),
+    ErrorCode("OD_STABLE",
+              "Found, far below the operating risk, outside hotspot slices and never lost across epochs.",
+              "Reliably handled."),
+]}
+
+
+def assign_detection(samples: pd.DataFrame, tau_op: float, tau_stable: float) -> pd.DataFrame:
+    """Add ``category`` and ``error_code`` to the per-unit table of one detection dataset and epoch.
+
+    Units: ground-truth objects (``unit == "gt"``) and unexplained false positives (``"pred"``) at the
+    operating score. Columns used: correct, tide_type, duplicate_gt, repeated_errors, error_proba, iou,
+    in_hotspot_slice and the dynamics (forgetting_events, variability, recent_variability).
+    """
+    def col(name: str, default: float = np.nan) -> np.ndarray:
+        return samples[name].to_numpy(dtype=float) if name in samples else np.full(len(samples), default)
+
+    gt = samples["unit"].to_numpy() == "gt"
+    correct = samples["correct"].to_numpy(dtype=bool)
+    wrong = ~correct
+    kind = samples["tide_type"].to_numpy(dtype=object)
+    repeated = col("repeated_errors", 0.0) >= 1
+    duplicate = gt & samples["duplicate_gt"].to_numpy(dtype=bool)
+    label_noise = gt & wrong & (kind == "Cls") & repeated & ~duplicate
+    missing_label = ~gt & (kind == "Bkg") & repeated
+    aleatoric = duplicate | label_noise | missing_label
+    critical = wrong & ~aleatoric & (~gt | np.isin(kind, ["Cls", "Loc", "Both"]))
+    hotspot = wrong & ~aleatoric & ~critical
+
+    error_proba = col("error_proba")
+    forgetting, variability = np.nan_to_num(col("forgetting_events"), nan=0.0), col("recent_variability")
+    hot_slice = samples.get("in_hotspot_slice", pd.Series(False, index=samples.index)).to_numpy(dtype=bool)
+    ok = correct & ~aleatoric
+    unstable = ok & ((forgetting >= 1) | (variability >= UNSTABLE_VARIABILITY))
+    weak_loc = ok & (col("iou") < WEAK_LOC_IOU)
+    low_score = ok & ~(error_proba < tau_op)
+    recessive = unstable | weak_loc | (ok & hot_slice) | low_score
+    has_dynamics = ~np.isnan(variability)
+    stable = (ok & ~recessive & (error_proba < tau_stable) & ~hot_slice
+              & (~has_dynamics | ((forgetting == 0) & (col("variability") < STABLE_VARIABILITY))))
+    operational = ok & ~recessive & ~stable
+
+    category = np.select([aleatoric, critical, hotspot, recessive, operational, stable], CATEGORIES, default="")
+    error_code = np.select(
+        [duplicate, label_noise, missing_label,
+         critical & (kind == "Cls"), critical & (kind == "Loc"), critical & (kind == "Both"),
+         critical & (kind == "Dupe"), critical, hotspot,
+         unstable, weak_loc, recessive & hot_slice, recessive, operational, stable],
+        ["OD_DUPLICATE_GT", "OD_LABEL_NOISE", "OD_MISSING_LABEL",
+         "OD_CLS", "OD_LOC", "OD_BOTH", "OD_DUPE", "OD_BKG", "OD_MISS",
+         "OD_UNSTABLE", "OD_WEAK_LOC", "OD_IN_HOTSPOT_SLICE", "OD_LOW_SCORE", "OD_OK", "OD_STABLE"], default="")
+    out = samples.copy()
+    out["category"] = category
+    out["error_code"] = error_code
+    return out

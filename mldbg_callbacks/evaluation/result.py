@@ -9,11 +9,14 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .classification import METRIC_COLUMNS
-from .issues import CATEGORY_SUMMARY_ORDER, CLASSIFICATION_CODES
+from .classification import METRIC_COLUMNS as CLASSIFICATION_METRICS
+from .detection import METRIC_COLUMNS as DETECTION_METRICS
+from .issues import CATEGORY_SUMMARY_ORDER, CLASSIFICATION_CODES, DETECTION_CODES
 from .label_tracker import LabelTrackerFrame, label_tracker
 
 CATEGORY_COLUMNS = [f"{c}_ratio" for c in CATEGORY_SUMMARY_ORDER]
+METRICS = {"classification": CLASSIFICATION_METRICS, "object_detection": DETECTION_METRICS}
+CODES = {"classification": CLASSIFICATION_CODES, "object_detection": DETECTION_CODES}
 MAX_EXAMPLES = 10
 
 
@@ -43,6 +46,14 @@ class Result:
         return self.meta["version_name"]
 
     @property
+    def task(self) -> str:
+        return self.meta.get("task", "classification")
+
+    @property
+    def _metric_columns(self) -> list[str]:
+        return METRICS[self.task][1:]
+
+    @property
     def epochs(self) -> dict[str, list[int]]:
         """Evaluated epochs per dataset_type."""
         return self.meta["epochs"]
@@ -70,10 +81,12 @@ class Result:
 
     # -- tables ---------------------------------------------------------------------------------
     def metrics_summary(self) -> pd.DataFrame:
-        """dataset, counts, accuracy, auroc, auprc, net_entropy_loss, net_entropy, error_proba_auroc,
-        error_proba_auprc (definitions in docs/analysis.md); ``n_epoch`` follows ``dataset`` when
-        several epochs of one dataset were evaluated (``n_epoch=None``)."""
-        return self._tables["metrics"][[*self._keys(), *METRIC_COLUMNS[1:]]].reset_index(drop=True)
+        """Classification: dataset, counts, accuracy, auroc, auprc, net_entropy_loss, net_entropy,
+        error_proba_auroc, error_proba_auprc. Detection: dataset, counts (units), n_images, n_gt, n_pred,
+        map (COCO AP@[.50:.95]), ap50, ap75, ap_small/medium/large, precision and recall at the operating
+        score ``score_op``, error_proba_auroc/auprc. Definitions in docs/analysis.md; ``n_epoch``
+        follows ``dataset`` when several epochs of one dataset were evaluated (``n_epoch=None``)."""
+        return self._tables["metrics"][[*self._keys(), *self._metric_columns]].reset_index(drop=True)
 
     def issue_category_summary(self) -> pd.DataFrame:
         """Share of units in each of the six categories per dataset (and epoch); rows sum to 1."""
@@ -101,12 +114,14 @@ class Result:
         keys = self._keys()
         totals = samples.groupby(keys).size()
         rows = []
-        ranked = samples.assign(_severity=np.where(samples["correct"], samples["error_proba"], 1.0 + samples["loss"]))
+        severity = samples["severity"] if "severity" in samples else np.where(
+            samples["correct"], samples["error_proba"], 1.0 + samples["loss"])
+        ranked = samples.assign(_severity=severity)
         ranked = ranked.sort_values(["_severity", "input_id"], ascending=[False, True], kind="stable")
         for group, units in ranked.groupby([*keys, "category", "error_code"], sort=False):
             key = dict(zip([*keys, "category", "error_code"], group))
-            code = CLASSIFICATION_CODES.get(key["error_code"])
-            wrong = units[~units["correct"]]
+            code = CODES[self.task].get(key["error_code"])
+            wrong = units[~units["correct"] & (units["pred"] >= 0) & (units["pred"] != units["label"])]
             rows.append({
                 **key,
                 "count": len(units),
@@ -115,8 +130,8 @@ class Result:
                 "recommendation": code.recommendation if code else "",
                 "top_labels": _top(units["label"]),
                 "confused_pairs": _top(wrong["label"].astype(str) + "->" + wrong["pred"].astype(str)),
-                "top_regions": _top(units["region"]) if "region" in units else "",
-                "examples": units["input_id"].head(MAX_EXAMPLES).tolist(),
+                "top_regions": _top(units["slice"] if "slice" in units else units["region"]),
+                "examples": units["input_id"].drop_duplicates().head(MAX_EXAMPLES).tolist(),
             })
         issues = pd.DataFrame(rows)
         if issues.empty:
@@ -154,6 +169,25 @@ class Result:
         return (pairs.sort_values(["dataset_type", "n_epoch", "count"], ascending=[True, True, False], kind="stable")
                 .groupby(["dataset_type", "n_epoch"]).head(top).drop(columns="label_count").reset_index(drop=True))
 
+    def tide(self) -> pd.DataFrame:
+        """Detection: TIDE error counts and dAP per error type (Cls, Loc, Both, Dupe, Bkg, Miss, and the
+        FalsePos / FalseNeg summaries), per dataset and epoch, as tidecv computes them."""
+        return self._detection_table("tide")
+
+    def per_class(self) -> pd.DataFrame:
+        """Detection: COCO AP per class (ap, ap50, ap75, per size) with its number of objects."""
+        return self._detection_table("per_class")
+
+    def images(self) -> pd.DataFrame:
+        """Detection: one row per image: objects, reported detections, found / missed / false positives,
+        its worst category and the error codes found in it (the per-image view)."""
+        return self._detection_table("images")
+
+    def _detection_table(self, name: str) -> pd.DataFrame:
+        if name not in self._tables:
+            raise ValueError(f"{name}() is a detection view; this result is of a {self.task} model")
+        return self._tables[name].copy()
+
     def label_tracker(self, metric: str = "loss", bounds: str | None | list = "std",
                       label_mapping: dict | None = None, dataset_type: str = "train") -> LabelTrackerFrame:
         """Per label and epoch, the mean of a per-unit metric with bounds (FastEstimator's LabelTracker).
@@ -167,7 +201,7 @@ class Result:
 
     def compare(self, other: "Result") -> pd.DataFrame:
         """Metrics and category ratios of this result and ``other`` side by side, with the difference."""
-        columns = [*METRIC_COLUMNS[1:], *CATEGORY_COLUMNS]
+        columns = [*self._metric_columns, *CATEGORY_COLUMNS]
         mine, theirs = self._label(), other._label()
         if theirs == mine:
             theirs += " (2)"

@@ -21,8 +21,8 @@ import pyarrow as pa
 
 from ..core.arrays import leading_dim, to_float16, to_numpy
 from ..core.batch import EncodedBatch, PendingBatch, RowProblem
-from ..core.hashing import row_hashes
-from ..core.vectors import vector_table
+from ..core.hashing import batch_ids
+from ..core.vectors import FeatureReducer, vector_table
 from ..errors import TraceInputError
 
 
@@ -46,10 +46,8 @@ class ClassificationCodec:
         self.output_kind = output_kind
         self.max_stored_classes = max_stored_classes
         self.top_k = top_k
-        self.max_feature_dim = max_feature_dim
         self.num_classes: int | None = None
-        self.feature_dim: int | None = None  # width before projection
-        self._projection: np.ndarray | None = None
+        self.features = FeatureReducer(max_feature_dim)
 
     # -- training thread: metadata only ---------------------------------------------------------
     def check(self, batch: PendingBatch) -> int:
@@ -76,8 +74,8 @@ class ClassificationCodec:
     def encode(self, batch: PendingBatch) -> EncodedBatch:
         scores = self._scores(to_numpy(batch.outputs))
         labels = self._labels(to_numpy(batch.targets), scores.shape[1])
-        ids = self._ids(batch)
-        features = self._features(to_numpy(batch.features), len(scores))
+        ids = batch_ids(batch.input_ids, batch.inputs, len(scores))
+        features = self.features.reduce(to_numpy(batch.features), len(scores))
 
         problems = []
         keep = np.isfinite(scores).all(axis=1)
@@ -116,8 +114,7 @@ class ClassificationCodec:
             "output_kind": self.output_kind,
             "score_storage": "topk" if self._topk else "dense",
             "top_k": min(self.top_k, self.num_classes) if self._topk else None,
-            "feature_dim": self.feature_dim,
-            "stored_feature_dim": None if self.feature_dim is None else min(self.feature_dim, self.max_feature_dim),
+            **self.features.meta(),
         }
 
     # -- pieces --------------------------------------------------------------------------------
@@ -178,39 +175,6 @@ class ClassificationCodec:
         elif labels.dtype.kind not in "iub":
             raise TraceInputError(f"labels must be integer class indices, got dtype {labels.dtype}")
         return labels.astype(np.int64)
-
-    @staticmethod
-    def _ids(batch: PendingBatch) -> np.ndarray:
-        if batch.input_ids is None:
-            return row_hashes(to_numpy(batch.inputs))
-        ids = to_numpy(batch.input_ids)
-        if ids.ndim != 1:
-            raise TraceInputError(f"input_ids must be one id per sample (1-D), got shape {ids.shape}")
-        if ids.dtype.kind == "S":
-            ids = np.char.decode(ids, "utf-8")
-        elif ids.dtype.kind == "f":
-            if not np.all(ids == np.round(ids)):
-                raise TraceInputError("input_ids are non-integer floats; pass ints or strings")
-            ids = ids.astype(np.int64)
-        if ids.dtype.kind in "iu":  # Arrow's cast is ~6x faster than NumPy's int -> str
-            return pa.array(ids).cast(pa.string()).to_numpy(zero_copy_only=False)
-        return ids.astype(str).astype(object)
-
-    def _features(self, features: np.ndarray | None, size: int) -> np.ndarray | None:
-        if features is None:
-            return None
-        features = features.reshape(size, -1).astype(np.float32, copy=False)
-        width = features.shape[1]
-        if self.feature_dim is None:
-            self.feature_dim = width
-            if width > self.max_feature_dim:
-                rng = np.random.default_rng(0)
-                self._projection = (rng.standard_normal((width, self.max_feature_dim)) /
-                                    np.sqrt(self.max_feature_dim)).astype(np.float32)
-        elif width != self.feature_dim:
-            raise TraceInputError(f"features have {width} values per sample but earlier batches had "
-                                  f"{self.feature_dim}; capture one fixed layer (feature_layer=)")
-        return features if self._projection is None else features @ self._projection
 
     def _score_columns(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, pa.Array]:
         if not self._topk:

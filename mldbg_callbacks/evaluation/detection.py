@@ -1,0 +1,587 @@
+"""The 2D detection evaluation, end to end: traces -> COCO/TIDE metrics, per-unit table, categories.
+
+Units (docs/analysis.md): every ground-truth object, and every false positive the model would report
+at its operating score threshold. A detection that explains a missed object (a class or localisation
+error on it) is folded into that object's unit, so one mistake is counted once.
+
+Order of work for one evaluated (dataset_type, epoch):
+
+1. load the images (one row per image; duplicates across ranks removed), flatten boxes;
+2. the *reference set* (the ``train`` traces of the same epoch, else the dataset itself) gives the
+   operating score threshold ``score_op`` (the F1-optimal score at IoU 0.5: the point a user would
+   deploy), the cross-fitted error_proba models (P(false positive) per detection, P(missed) per
+   ground-truth object) and the acceptance thresholds of the ground-truth units;
+3. COCO AP (``coco.py``, identical to pycocotools), TIDE error types (``tide.py``, as tidecv), and the
+   units with their TIDE type at the operating threshold, slices (class x COCO size), training
+   dynamics of each object across the saved epochs, categories and error codes (``issues.py``).
+
+Ground-truth objects are identified across epochs by (image id, position in the image's GT list):
+the data pipeline must give an image's objects in the same order every epoch (every common loader does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .classification import _binary_scores
+from .coco import Boxes, coco_evaluate, match_detections
+from .dynamics import training_dynamics
+from .error_proba import ErrorProbaEstimator, operating_threshold
+from .issues import CATEGORY_SUMMARY_ORDER, assign_detection
+from .neighbors import hotspot_regions
+
+ReadTraces = Callable[[str, int, bool], pa.Table]
+MATCH_IOU = 0.5
+SMALL_AREA, LARGE_AREA = 32.0 ** 2, 96.0 ** 2  # COCO's size ranges
+DETECTION_SIGNALS = ["score", "score_rank", "log_area", "log_aspect", "label", "same_class_overlap",
+                     "image_detections", "image_max_score"]
+GT_SIGNALS = ["log_area", "log_aspect", "label", "best_overlap_score", "image_objects"]
+METRIC_COLUMNS = ["dataset", "counts", "n_images", "n_gt", "n_pred", "map", "ap50", "ap75", "ap_small",
+                  "ap_medium", "ap_large", "precision", "recall", "score_op", "error_proba_auroc",
+                  "error_proba_auprc"]
+
+
+@dataclass
+class Images:
+    """The traces of one dataset and epoch, flattened: one entry per image, detection and GT object."""
+
+    input_id: np.ndarray  # (n_images,) str
+    image_size: np.ndarray  # (n_images, 2) float64 (h, w), NaN when unknown
+    dets: Boxes
+    gts: Boxes
+    gt_position: np.ndarray  # index of each GT object within its image's list
+
+    @property
+    def n_images(self) -> int:
+        return len(self.input_id)
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    column = table.column(name).combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = column.flatten()
+    if pa.types.is_fixed_size_list(values.type):
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False), lengths
+
+
+def load_images(table: pa.Table) -> tuple[Images, int]:
+    """Images of one epoch, keeping one row per input_id: the lowest rank's, and within a rank the newest
+    (as for classification). Returns the images and the number of duplicate rows removed."""
+    frame = pd.DataFrame({"input_id": table.column("input_id").to_numpy(zero_copy_only=False),
+                          "rank": table.column("rank").to_numpy() if "rank" in table.column_names else 0})
+    order = np.lexsort((-np.arange(len(frame)), frame["rank"].to_numpy()))
+    keep = np.sort(order[~frame.iloc[order].duplicated("input_id").to_numpy()])
+    duplicates = len(frame) - len(keep)
+    if duplicates:
+        table = table.take(pa.array(keep))
+    n = table.num_rows
+    boxes, det_counts = _list_column(table, "pred_boxes")
+    scores, _ = _list_column(table, "pred_scores")
+    labels, _ = _list_column(table, "pred_labels")
+    gt_boxes, gt_counts = _list_column(table, "gt_boxes")
+    gt_labels, _ = _list_column(table, "gt_labels")
+    size = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in ("image_h", "image_w")], axis=1)
+    det_image = np.repeat(np.arange(n), det_counts)
+    gt_image = np.repeat(np.arange(n), gt_counts)
+    gt_starts = np.concatenate([[0], np.cumsum(gt_counts)[:-1]]) if n else np.zeros(0, np.int64)
+    images = Images(
+        input_id=table.column("input_id").to_numpy(zero_copy_only=False).astype(object),
+        image_size=np.asarray(size, dtype=np.float64),
+        dets=Boxes(image=det_image, label=labels.astype(np.int64), box=boxes.reshape(-1, 4).astype(np.float64),
+                   score=scores.astype(np.float64)),
+        gts=Boxes(image=gt_image, label=gt_labels.astype(np.int64), box=gt_boxes.reshape(-1, 4).astype(np.float64)),
+        gt_position=np.arange(len(gt_image)) - np.repeat(gt_starts, gt_counts),
+    )
+    return images, duplicates
+
+
+# -- geometry helpers (vectorised over pairs of boxes in the same group) ------------------------------
+def group_pairs(group_a: np.ndarray, group_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (i, j) with ``group_a[i] == group_b[j]``, without a Python loop."""
+    order = np.argsort(group_b, kind="stable")
+    sorted_b = group_b[order]
+    start = np.searchsorted(sorted_b, group_a, "left")
+    counts = np.searchsorted(sorted_b, group_a, "right") - start
+    i = np.repeat(np.arange(len(group_a)), counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return i, order[np.repeat(start, counts) + within]
+
+
+def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of row i of ``a`` with row i of ``b`` (xyxy)."""
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = _area(a) + _area(b) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _area(box: np.ndarray) -> np.ndarray:
+    return np.clip(box[:, 2] - box[:, 0], 0, None) * np.clip(box[:, 3] - box[:, 1], 0, None)
+
+
+def size_names(box: np.ndarray) -> np.ndarray:
+    area = _area(box)
+    return np.where(area < SMALL_AREA, "small", np.where(area < LARGE_AREA, "medium", "large"))
+
+
+def _group_max(values: np.ndarray, group: np.ndarray, n_groups: int, fill: float = 0.0) -> np.ndarray:
+    out = np.full(n_groups, -np.inf)
+    np.maximum.at(out, group, values)
+    out[np.isneginf(out)] = fill
+    return out
+
+
+# -- per-epoch analysis -------------------------------------------------------------------------------
+@dataclass
+class EpochMatch:
+    """Matching of one epoch's detections against its ground truth at IoU 0.5 (COCO greedy, by score)."""
+
+    det_gt: np.ndarray  # matched GT index per detection, -1 for a false positive
+    det_iou: np.ndarray
+    gt_det: np.ndarray  # matching detection per GT, -1 for a miss
+
+    @classmethod
+    def of(cls, images: Images) -> "EpochMatch":
+        matched = match_detections(images.dets, images.gts, MATCH_IOU)
+        return cls(matched.det_gt, matched.det_iou, matched.gt_det)
+
+
+def f1_optimal_score(images: Images, match: EpochMatch) -> float:
+    """The score threshold with the best F1 at IoU 0.5 (greedy matching is prefix-stable in score, so
+    the matches of the detections above any threshold are those of the full matching)."""
+    n_gt = len(images.gts.label)
+    if not len(images.dets.score) or not n_gt:
+        return float("inf") if not len(images.dets.score) else float(images.dets.score.max())
+    order = np.argsort(-images.dets.score, kind="stable")
+    tp = np.cumsum(match.det_gt[order] >= 0)
+    count = np.arange(1, len(order) + 1)
+    f1 = 2 * tp / (count + n_gt)
+    scores = images.dets.score[order]
+    last_of_value = np.r_[scores[1:] != scores[:-1], True]  # a threshold keeps every tie
+    best = np.flatnonzero(last_of_value)[np.argmax(f1[last_of_value])]
+    return float(scores[best])
+
+
+def detection_signals(images: Images) -> pd.DataFrame:
+    """Label-free signals of every detection (the inputs of its error_proba)."""
+    dets = images.dets
+    n = len(dets.score)
+    order = np.lexsort((-dets.score, dets.image))
+    rank = np.empty(n, dtype=np.int64)
+    counts = np.bincount(dets.image, minlength=images.n_images)
+    starts = np.cumsum(counts) - counts
+    rank[order] = np.arange(n) - np.repeat(starts, counts)
+    width = np.clip(dets.box[:, 2] - dets.box[:, 0], 1e-6, None)
+    height = np.clip(dets.box[:, 3] - dets.box[:, 1], 1e-6, None)
+    # overlap with a higher-scoring detection of the same class (duplicates NMS let through)
+    key = dets.image * (int(dets.label.max(initial=0)) + 1) + dets.label
+    i, j = group_pairs(key, key)
+    higher = dets.score[j] > dets.score[i]
+    overlap = np.zeros(n)
+    if higher.any():
+        np.maximum.at(overlap, i[higher], pair_iou(dets.box[i[higher]], dets.box[j[higher]]))
+    return pd.DataFrame({
+        "score": dets.score, "msp": dets.score, "score_rank": rank, "log_area": np.log(width * height),
+        "log_aspect": np.log(width / height), "label": dets.label, "same_class_overlap": overlap,
+        "image_detections": counts[dets.image], "image_max_score": _group_max(dets.score, dets.image,
+                                                                              images.n_images)[dets.image],
+    })
+
+
+def gt_signals(images: Images) -> pd.DataFrame:
+    """Signals of every ground-truth object: its geometry and the strongest detection on it (any class)."""
+    gts, dets = images.gts, images.dets
+    width = np.clip(gts.box[:, 2] - gts.box[:, 0], 1e-6, None)
+    height = np.clip(gts.box[:, 3] - gts.box[:, 1], 1e-6, None)
+    i, j = group_pairs(gts.image, dets.image)
+    overlapping = pair_iou(gts.box[i], dets.box[j]) >= MATCH_IOU
+    best = np.zeros(len(gts.label))
+    if overlapping.any():
+        np.maximum.at(best, i[overlapping], dets.score[j[overlapping]])
+    return pd.DataFrame({
+        "log_area": np.log(width * height), "log_aspect": np.log(width / height), "label": gts.label,
+        "best_overlap_score": best, "msp": best,
+        "image_objects": np.bincount(gts.image, minlength=images.n_images)[gts.image],
+    })
+
+
+def duplicate_gt(images: Images, iou: float = 0.9) -> np.ndarray:
+    """Ground-truth boxes that repeat an earlier box of the same class in the same image (IoU >= iou)."""
+    gts = images.gts
+    key = gts.image * (int(gts.label.max(initial=0)) + 1) + gts.label
+    i, j = group_pairs(key, key)
+    earlier = j < i
+    flagged = np.zeros(len(gts.label), dtype=bool)
+    hit = earlier & (pair_iou(gts.box[i], gts.box[j]) >= iou) if earlier.any() else earlier
+    flagged[i[hit]] = True
+    return flagged
+
+
+@dataclass
+class Outcomes:
+    """What happened to every object and reported detection of one epoch at the operating score."""
+
+    op_index: np.ndarray  # indices of the detections at or above the operating score
+    det_error: np.ndarray  # TIDE type of each of them: TP, Cls, Loc, Both, Dupe, Bkg
+    det_target: np.ndarray  # the object a detection's error refers to (-1: none)
+    folded: np.ndarray  # the detection explains a missed object and is counted in that object's unit
+    found: np.ndarray  # per object: matched by a reported detection
+    gt_type: np.ndarray  # per object: TP, Miss, or the type of the error that explains the miss
+    chosen: np.ndarray  # per object: the matched or explaining detection (-1: none)
+
+
+def outcomes_at(images: Images, match: EpochMatch, score_op: float) -> Outcomes:
+    from .tide import tide_errors
+
+    dets = images.dets
+    op_index = np.flatnonzero(dets.score >= score_op)
+    per_image = np.bincount(dets.image[op_index], minlength=1)
+    # every reported detection is a unit: no cap per image (TIDE's default keeps 100)
+    tide = tide_errors(_subset(dets, dets.score >= score_op), images.gts, images.n_images, pos_threshold=MATCH_IOU,
+                       max_dets=max(int(per_image.max()), 1))
+    det_error = np.asarray(tide.det_error, dtype=object)
+    target = np.asarray(tide.det_target_gt, dtype=np.int64)
+    found = _found_at(match, images, score_op)
+    # a missed object explained by a class / localisation error on it: the strongest such detection
+    explains = np.isin(det_error, ["Cls", "Loc", "Both"]) & (target >= 0)
+    explains[explains] &= ~found[target[explains]]
+    explaining = np.full(len(images.gts.label), -1)
+    if explains.any():
+        candidates = np.flatnonzero(explains)
+        order = candidates[np.lexsort((-dets.score[op_index[candidates]], target[candidates]))]
+        first = np.r_[True, target[order][1:] != target[order][:-1]]
+        explaining[target[order[first]]] = order[first]
+    has_explanation = explaining >= 0
+    gt_type = np.where(found, "TP", "Miss").astype(object)
+    gt_type[has_explanation] = det_error[explaining[has_explanation]]
+    folded = np.zeros(len(op_index), dtype=bool)
+    folded[explaining[has_explanation]] = True
+    chosen = np.where(found, match.gt_det, np.where(has_explanation, op_index[np.maximum(explaining, 0)], -1))
+    return Outcomes(op_index, det_error, target, folded, found, gt_type, chosen)
+
+
+@dataclass
+class Reference:
+    """Built once per reference set: the operating point and the error_proba models."""
+
+    name: str
+    score_op: float
+    det_estimator: ErrorProbaEstimator
+    gt_estimator: ErrorProbaEstimator
+    det_scores: np.ndarray
+    gt_scores: np.ndarray
+    tau_op: float
+    tau_stable: float
+
+
+@dataclass
+class DetectionEvaluation:
+    samples: pd.DataFrame
+    metrics: pd.DataFrame
+    categories: pd.DataFrame
+    history: pd.DataFrame
+    per_class: pd.DataFrame
+    tide: pd.DataFrame
+    images: pd.DataFrame
+    thresholds: list[dict]
+    notes: list[str]
+
+
+def evaluate_detection(read: ReadTraces, meta: dict, epochs: dict[str, list[int]],
+                       committed: dict[str, list[int]], risk: float = 0.05,
+                       progress: Callable[[str, int, int], None] | None = None) -> DetectionEvaluation:
+    """``epochs``: evaluated epochs per dataset_type; ``committed``: every readable epoch per dataset_type."""
+    if not 0.0 < risk < 1.0:
+        raise ValueError(f"risk must be in (0, 1), got {risk!r}")
+    run = _Run(read, committed, risk)
+    parts: dict[str, list] = {k: [] for k in ("samples", "metrics", "per_class", "tide", "images", "history")}
+    thresholds = []
+    jobs = [(d, e) for d, es in epochs.items() for e in es]
+    for done, (dataset_type, epoch) in enumerate(jobs):
+        if progress:
+            progress(f"{dataset_type} epoch {epoch}", done, len(jobs))
+        out = run.evaluate(dataset_type, epoch)
+        for key in parts:
+            parts[key].append(out[key])
+        thresholds.append({"dataset": dataset_type, "n_epoch": epoch, "reference": out["reference"].name,
+                           "score_op": out["reference"].score_op, "tau_op": out["reference"].tau_op,
+                           "tau_stable": out["reference"].tau_stable, "risk": risk})
+    tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
+    from .pipeline import category_summary
+
+    return DetectionEvaluation(tables["samples"], tables["metrics"], category_summary(tables["samples"]),
+                               tables["history"], tables["per_class"], tables["tide"], tables["images"],
+                               thresholds, run.notes)
+
+
+class _Run:
+    def __init__(self, read: ReadTraces, committed: dict[str, list[int]], risk: float):
+        self.read, self.committed, self.risk = read, committed, risk
+        self.notes: list[str] = []
+        self._images: dict[tuple[str, int], Images] = {}
+        self._matches: dict[tuple[str, int], EpochMatch] = {}
+        self._references: dict[tuple[str, int], Reference] = {}
+        self._outcomes: dict[tuple[str, int, float], Outcomes] = {}
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def images(self, dataset_type: str, epoch: int) -> Images:
+        key = (dataset_type, epoch)
+        if key not in self._images:
+            images, duplicates = load_images(self.read(dataset_type, epoch, False))
+            if duplicates:
+                self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate image id(s) across ranks removed")
+            self._images[key] = images
+            self._matches[key] = EpochMatch.of(images)
+        return self._images[key]
+
+    def match(self, dataset_type: str, epoch: int) -> EpochMatch:
+        self.images(dataset_type, epoch)
+        return self._matches[(dataset_type, epoch)]
+
+    def reference_key(self, dataset_type: str, epoch: int) -> tuple[str, int]:
+        train = self.committed.get("train", [])
+        if dataset_type == "train" or not train:
+            if dataset_type != "train":
+                self.note(f"{dataset_type}: no train traces, so {dataset_type} is its own reference set")
+            return dataset_type, epoch
+        earlier = [e for e in train if e <= epoch]
+        chosen = earlier[-1] if earlier else train[0]
+        if chosen != epoch:
+            self.note(f"{dataset_type} epoch {epoch}: no train traces of that epoch; reference set is train epoch {chosen}")
+        return "train", chosen
+
+    def reference(self, key: tuple[str, int]) -> Reference:
+        if key in self._references:
+            return self._references[key]
+        images, match = self.images(*key), self.match(*key)
+        score_op = f1_optimal_score(images, match)
+        det_estimator = ErrorProbaEstimator(inputs=DETECTION_SIGNALS)
+        det_scores = det_estimator.fit_predict(detection_signals(images), match.det_gt < 0)
+        gt_missed = ~_found_at(match, images, score_op)
+        gt_estimator = ErrorProbaEstimator(inputs=GT_SIGNALS)
+        gt_scores = gt_estimator.fit_predict(gt_signals(images), gt_missed)
+        for estimator, what in ((det_estimator, "detections"), (gt_estimator, "objects")):
+            if estimator.note:
+                self.note(f"{key[0]}@{key[1]} ({what}): {estimator.note}")
+        reference = Reference(f"{key[0]}@{key[1]}", score_op, det_estimator, gt_estimator, det_scores, gt_scores,
+                              operating_threshold(gt_scores, gt_missed, self.risk),
+                              operating_threshold(gt_scores, gt_missed, self.risk / 5))
+        self._references[key] = reference
+        return reference
+
+    def outcomes(self, dataset_type: str, epoch: int, score_op: float) -> Outcomes:
+        key = (dataset_type, epoch, score_op)
+        if key not in self._outcomes:
+            self._outcomes[key] = outcomes_at(self.images(dataset_type, epoch), self.match(dataset_type, epoch),
+                                              score_op)
+        return self._outcomes[key]
+
+    def history(self, dataset_type: str, upto: int, score_op: float) -> tuple[pd.DataFrame, dict]:
+        """Per object and saved epoch <= upto, at ``score_op``: found, its outcome type, the class and score of
+        the detection on it; plus, per epoch, the background false positives (for repeated missing labels)."""
+        rows, background = [], {}
+        for epoch in [e for e in self.committed.get(dataset_type, []) if e <= upto]:
+            images = self.images(dataset_type, epoch)
+            out = self.outcomes(dataset_type, epoch, score_op)
+            on_object = np.maximum(out.chosen, 0)
+            rows.append(pd.DataFrame({
+                "dataset_type": dataset_type, "n_epoch": epoch, "input_id": _object_ids(images),
+                "label": images.gts.label, "correct": out.found, "outcome": out.gt_type,
+                "pred": np.where(out.chosen >= 0, images.dets.label[on_object], -1),
+                "p_label": np.where(out.found, images.dets.score[on_object], 0.0), "logit_margin": np.nan}))
+            background[epoch] = _background(images, out)
+        return pd.concat(rows, ignore_index=True), background
+
+    # -- one dataset and epoch ----------------------------------------------------------------
+    def evaluate(self, dataset_type: str, epoch: int) -> dict:
+        from .tide import tide_errors
+
+        images, match = self.images(dataset_type, epoch), self.match(dataset_type, epoch)
+        ref_key = self.reference_key(dataset_type, epoch)
+        reference = self.reference(ref_key)
+        is_reference = ref_key == (dataset_type, epoch)
+        op = reference.score_op
+        if is_reference:
+            det_proba, gt_proba = reference.det_scores, reference.gt_scores
+        else:
+            det_proba = reference.det_estimator.predict(detection_signals(images))
+            gt_proba = reference.gt_estimator.predict(gt_signals(images))
+
+        out = self.outcomes(dataset_type, epoch, op)
+        tide_all = tide_errors(images.dets, images.gts, images.n_images, pos_threshold=MATCH_IOU)
+        coco = coco_evaluate(images.dets, images.gts, images.n_images)
+
+        history, background = self.history(dataset_type, epoch, op)
+        dynamics = training_dynamics(history)
+        if dynamics["variability"].isna().all():
+            self.note(f"{dataset_type} epoch {epoch}: fewer than two saved epochs, so no training dynamics")
+        samples = _units(images, out, det_proba, gt_proba, dynamics, history, background, epoch)
+        samples = assign_detection(samples, reference.tau_op, reference.tau_stable)
+        samples.insert(0, "n_epoch", epoch)
+        samples.insert(0, "dataset_type", dataset_type)
+
+        accepted = images.dets.score >= op
+        found = out.found
+        n_acc = int(accepted.sum())
+        fp_all = match.det_gt < 0
+        ep_auroc, ep_auprc = _binary_scores(fp_all, det_proba)
+        base_auroc, base_auprc = _binary_scores(fp_all, 1.0 - images.dets.score)
+        stats = coco.stats
+        metrics = {
+            "dataset": dataset_type, "n_epoch": epoch, "counts": len(samples), "n_images": images.n_images,
+            "n_gt": len(images.gts.label), "n_pred": len(images.dets.score),
+            "map": stats[0], "ap50": stats[1], "ap75": stats[2], "ap_small": stats[3], "ap_medium": stats[4],
+            "ap_large": stats[5], "ar100": stats[8],
+            "precision": float((match.det_gt[accepted] >= 0).sum() / n_acc) if n_acc else float("nan"),
+            "recall": float(found.mean()) if len(found) else float("nan"), "score_op": op,
+            "error_proba_auroc": ep_auroc, "error_proba_auprc": ep_auprc,
+            "baseline_error_proba_auroc": base_auroc, "baseline_error_proba_auprc": base_auprc,
+        }
+        per_class = coco.per_class()
+        per_class.insert(0, "n_epoch", epoch)
+        per_class.insert(0, "dataset", dataset_type)
+        counts, dap = tide_all.counts(), tide_all.dap()
+        tide = pd.DataFrame({"dataset": dataset_type, "n_epoch": epoch, "error_type": list(counts),
+                             "count": [counts[t] for t in counts], "dap": [dap.get(t, np.nan) for t in counts]})
+        image_view = _image_view(samples, images, accepted, match)
+        image_view.insert(0, "n_epoch", epoch)
+        image_view.insert(0, "dataset_type", dataset_type)
+        return {"samples": samples, "metrics": pd.DataFrame([metrics]), "per_class": per_class, "tide": tide,
+                "images": image_view, "history": history, "reference": reference}
+
+
+def _subset(boxes: Boxes, mask: np.ndarray) -> Boxes:
+    return Boxes(image=boxes.image[mask], label=boxes.label[mask], box=boxes.box[mask],
+                 score=None if boxes.score is None else boxes.score[mask])
+
+
+def _found_at(match: EpochMatch, images: Images, score_op: float) -> np.ndarray:
+    """Per GT object: matched by a detection scoring at least ``score_op``."""
+    return (match.gt_det >= 0) & (images.dets.score[np.maximum(match.gt_det, 0)] >= score_op)
+
+
+def _object_ids(images: Images) -> np.ndarray:
+    return (pd.Series(images.input_id[images.gts.image]).astype(str) + "#" +
+            pd.Series(images.gt_position).astype(str)).to_numpy(dtype=object)
+
+
+def _background(images: Images, out: Outcomes) -> pd.DataFrame:
+    """The background false positives (TIDE's Bkg: IoU < 0.1 with every object) at the operating score."""
+    index = out.op_index[out.det_error == "Bkg"]
+    box = images.dets.box[index]
+    return pd.DataFrame({"image_id": images.input_id[images.dets.image[index]], "label": images.dets.label[index],
+                         "x1": box[:, 0], "y1": box[:, 1], "x2": box[:, 2], "y2": box[:, 3]})
+
+
+def _repeated_background(current: pd.DataFrame, background: dict, epoch: int) -> np.ndarray:
+    """For each background detection of ``current``: in how many other saved epochs a background
+    detection of the same class covers the same place (IoU >= 0.5)."""
+    repeats = np.zeros(len(current), dtype=np.int64)
+    for other_epoch, other in background.items():
+        if other_epoch == epoch or not len(other) or not len(current):
+            continue
+        keys = pd.factorize(pd.concat([current["image_id"].astype(str) + "|" + current["label"].astype(str),
+                                       other["image_id"].astype(str) + "|" + other["label"].astype(str)]))[0]
+        i, j = group_pairs(keys[:len(current)], keys[len(current):])
+        if not len(i):
+            continue
+        a = current[["x1", "y1", "x2", "y2"]].to_numpy()[i]
+        b = other[["x1", "y1", "x2", "y2"]].to_numpy()[j]
+        same_place = np.zeros(len(current), dtype=bool)
+        same_place[i[pair_iou(a, b) >= MATCH_IOU]] = True
+        repeats += same_place
+    return repeats
+
+
+def _units(images: Images, out: Outcomes, det_proba: np.ndarray, gt_proba: np.ndarray, dynamics: pd.DataFrame,
+           history: pd.DataFrame, background: dict, epoch: int) -> pd.DataFrame:
+    """The per-unit table: one row per GT object, one per unexplained false positive at the operating point."""
+    gts, dets = images.gts, images.dets
+    on_object = np.maximum(out.chosen, 0)
+    pred = np.where(out.chosen >= 0, dets.label[on_object], -1)
+    score = np.where(out.chosen >= 0, dets.score[on_object], np.nan)
+    iou = np.where(out.chosen >= 0, pair_iou(gts.box, dets.box[on_object]), np.nan)
+    found, gt_type = out.found, out.gt_type
+    object_ids = _object_ids(images)
+    gt_units = pd.DataFrame({
+        "input_id": images.input_id[gts.image], "unit": "gt", "object_id": object_ids,
+        "label": gts.label, "pred": pred, "score": score, "iou": iou,
+        "x1": gts.box[:, 0], "y1": gts.box[:, 1], "x2": gts.box[:, 2], "y2": gts.box[:, 3],
+        "size": size_names(gts.box), "correct": found, "tide_type": gt_type, "error_proba": gt_proba,
+        "duplicate_gt": duplicate_gt(images),
+    })
+    gt_units = gt_units.join(dynamics, on="object_id")
+    # in how many other saved epochs this object had the same class error (a suspicious label)
+    same_error = history[(history["outcome"] == "Cls") & (history["n_epoch"] != epoch)].groupby(
+        ["input_id", "pred"]).size()
+    keys = pd.MultiIndex.from_arrays([gt_units["object_id"], gt_units["pred"]])
+    gt_units["repeated_errors"] = np.where(gt_type == "Cls", same_error.reindex(keys).fillna(0).to_numpy(), 0)
+
+    # unexplained false positives at the operating point
+    fp = (out.det_error != "TP") & ~out.folded
+    fp_index = out.op_index[fp]
+    det_error, target = out.det_error, out.det_target
+    det_box = dets.box[fp_index]
+    fp_units = pd.DataFrame({
+        "input_id": images.input_id[dets.image[fp_index]], "unit": "pred",
+        "object_id": pd.Series(images.input_id[dets.image[fp_index]]).astype(str).to_numpy(dtype=object) + "#p"
+        + pd.Series(fp_index).astype(str).to_numpy(dtype=object),
+        "label": dets.label[fp_index], "pred": dets.label[fp_index], "score": dets.score[fp_index],
+        "iou": np.where(target[fp] >= 0, pair_iou(det_box, gts.box[np.maximum(target[fp], 0)]) if len(gts.label)
+                        else 0.0, 0.0),
+        "x1": det_box[:, 0], "y1": det_box[:, 1], "x2": det_box[:, 2], "y2": det_box[:, 3],
+        "size": size_names(det_box), "correct": False, "tide_type": det_error[fp],
+        "error_proba": det_proba[fp_index], "duplicate_gt": False,
+    })
+    bkg = fp_units["tide_type"].to_numpy() == "Bkg"
+    repeats = np.zeros(len(fp_units), dtype=np.int64)
+    if bkg.any():
+        current = pd.DataFrame({"image_id": fp_units["input_id"][bkg], "label": fp_units["label"][bkg],
+                                "x1": det_box[bkg, 0], "y1": det_box[bkg, 1], "x2": det_box[bkg, 2],
+                                "y2": det_box[bkg, 3]})
+        repeats[bkg] = _repeated_background(current, background, epoch)
+    fp_units["repeated_errors"] = repeats
+    # class errors that recur on the same object in earlier epochs (history of found/missed is per object)
+    units = pd.concat([gt_units, fp_units], ignore_index=True)
+    units["slice"] = units["label"].astype(str) + ":" + units["size"]
+    wrong = ~units["correct"].to_numpy(dtype=bool)
+    units["slice_error_rate"], units["in_hotspot_slice"] = hotspot_regions(units["slice"].to_numpy(), wrong)
+    units["severity"] = np.where(units["correct"], units["error_proba"],
+                                 1.0 + units["score"].fillna(0.0).to_numpy(dtype=float))
+    return units
+
+
+def _image_view(samples: pd.DataFrame, images: Images, accepted: np.ndarray, match: EpochMatch) -> pd.DataFrame:
+    """One row per image: objects, detections at the operating point, TP / FP / missed, worst category."""
+    per_image = samples.groupby("input_id")
+    frame = pd.DataFrame({"input_id": images.input_id})
+    frame["n_gt"] = np.bincount(images.gts.image, minlength=images.n_images)
+    frame["n_pred"] = np.bincount(images.dets.image[accepted], minlength=images.n_images)
+    frame["tp"] = frame["input_id"].map(per_image["correct"].sum()).fillna(0).astype(int)
+    is_gt = samples["unit"] == "gt"
+    frame["missed"] = frame["input_id"].map(samples[is_gt & ~samples["correct"]].groupby("input_id").size()
+                                            ).fillna(0).astype(int)
+    frame["false_positives"] = frame["input_id"].map(samples[~is_gt].groupby("input_id").size()).fillna(0).astype(int)
+    rank = {c: i for i, c in enumerate(["aleatoric_hotspot", "critical_hotspot", "hotspot", "recessive_hotspot",
+                                        "operational_coverage", "stable_coverage"])}
+    worst = samples.assign(_r=samples["category"].map(rank)).groupby("input_id")["_r"].min()
+    inverse = {i: c for c, i in rank.items()}
+    frame["worst_category"] = frame["input_id"].map(worst).map(inverse).fillna("")
+    frame["error_codes"] = frame["input_id"].map(
+        samples[~samples["correct"]].groupby("input_id")["error_code"].agg(lambda s: ", ".join(sorted(set(s))))
+    ).fillna("")
+    return frame
+
+
+__all__ = ["CATEGORY_SUMMARY_ORDER", "METRIC_COLUMNS", "evaluate_detection", "load_images", "Images"]
