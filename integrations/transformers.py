@@ -52,7 +52,7 @@ Under DDP every rank traces its own shard; padding duplicates are removed at eva
 (``integrations/detectors/hf_detr.py``, as ``HFDetrTracer`` does), at ``score_thresh`` and
 ``max_detections_per_image`` (``None`` = what the model's processor keeps, else 0.05 / 300), into
 ``[x1, y1, x2, y2]`` pixels of the ``pixel_values`` canvas (each image's unpadded extent when the batch
-has a ``pixel_mask``; predictions clipped to it). Ground truth comes from ``labels=`` in Hugging Face's
+has a ``pixel_mask``; the codec clips predictions to it). Ground truth comes from ``labels=`` in Hugging Face's
 format (per image ``{"class_labels", "boxes": normalised cxcywh}``, as the DETR image processors make
 them), converted with the same sizes. Features: the decoder output (``last_hidden_state``) averaged over
 queries, or ``feature_layer``'s output mean-pooled. One row per image goes to a detection core

@@ -83,7 +83,36 @@ def classification_core(model_name: str, version_name: str, *, store: str | os.P
     return TraceCore(codec, run, flush_every=flush_every, strict=strict, max_pending_batches=max_pending_batches)
 
 
-class ClassificationTracer:
+class _Tracer:
+    """What every tracer shares: its core's durability, counters and shutdown."""
+
+    core: TraceCore
+
+    def wait_for_save(self, n_epoch: int | None = None, timeout_s: float | None = None) -> TraceStats:
+        """Block until the traces (of ``n_epoch``, or all) are durable; raise if a write failed."""
+        return self.core.wait_for_save(n_epoch=n_epoch, timeout_s=timeout_s)
+
+    @property
+    def stats(self) -> TraceStats:
+        """Counters: rows received, written, skipped by reason, duplicates dropped, write errors."""
+        return self.core.stats
+
+    def close(self) -> None:
+        """Save what is buffered, stop the background worker and remove the tracer's hooks."""
+        self.core.close()
+        self.remove_hooks()
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks the tracer put on the model (none by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ClassificationTracer(_Tracer):
     """Trace a classifier's per-sample predictions, labels and penultimate features.
 
     Example::
@@ -139,27 +168,10 @@ class ClassificationTracer:
         self.core.record(scores_of(outputs), labels, input_ids=input_ids, dataset_type=dataset_type,
                          n_epoch=n_epoch, features=features, inputs=inputs)
 
-    def wait_for_save(self, n_epoch: int | None = None, timeout_s: float | None = None) -> TraceStats:
-        """Block until the traces (of ``n_epoch``, or all) are durable; raise if a write failed."""
-        return self.core.wait_for_save(n_epoch=n_epoch, timeout_s=timeout_s)
-
-    @property
-    def stats(self) -> TraceStats:
-        """Counters: rows received, written, skipped by reason, duplicates dropped, write errors."""
-        return self.core.stats
-
-    def close(self) -> None:
-        """Save what is buffered, stop the background worker and remove the feature hook."""
-        self.core.close()
+    def remove_hooks(self) -> None:
         remove = getattr(self._forward, "remove", None)
         if remove is not None:
             remove()
-
-    def __enter__(self) -> "ClassificationTracer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def detection_core(model_name: str, version_name: str, *, store: str | os.PathLike | LocalStore | None = None,
@@ -201,7 +213,7 @@ def detections_per_image(detections: Any, image_sizes: Any = None) -> dict[str, 
     return out
 
 
-class DetectionTracer:
+class DetectionTracer(_Tracer):
     """Trace a 2D object detector's per-image detections and ground truth (base of every family).
 
     ``ObjectDetectionTracer(model, ...)`` picks the subclass for the model's family; use this class
@@ -306,9 +318,13 @@ class DetectionTracer:
             self.core.skip("undecodable_output", _count(images),
                            str(exc) if isinstance(exc, TraceInputError) else f"{type(exc).__name__}: {exc}")
             return outputs
-        self.core.record(detections, targets, input_ids=input_ids, dataset_type=dataset_type, n_epoch=n_epoch,
-                         features=features, inputs=images)
+        self.core.record(detections, self.ground_truth(targets, raw), input_ids=input_ids, dataset_type=dataset_type,
+                         n_epoch=n_epoch, features=features, inputs=images)
         return outputs
+
+    def ground_truth(self, targets: Any, raw: Any) -> Any:
+        """The ground truth to store (a family whose forward converts it, e.g. from normalised boxes, overrides)."""
+        return targets
 
     def detections(self, outputs: Any, images: Any) -> dict[str, Any]:
         """Decode ``outputs`` (through ``postprocess=`` when given) into per-image detections."""
@@ -333,28 +349,6 @@ class DetectionTracer:
             return
         self.core.record(detections, targets, input_ids=input_ids, dataset_type=dataset_type, n_epoch=n_epoch,
                          features=features, inputs=inputs)
-
-    def wait_for_save(self, n_epoch: int | None = None, timeout_s: float | None = None) -> TraceStats:
-        """Block until the traces (of ``n_epoch``, or all) are durable; raise if a write failed."""
-        return self.core.wait_for_save(n_epoch=n_epoch, timeout_s=timeout_s)
-
-    @property
-    def stats(self) -> TraceStats:
-        """Counters: images received, written, skipped by reason, duplicates dropped, write errors."""
-        return self.core.stats
-
-    def close(self) -> None:
-        """Save what is buffered and stop the background worker."""
-        self.core.close()
-        remove = getattr(self, "remove_hooks", None)
-        if remove is not None:
-            remove()
-
-    def __enter__(self) -> "DetectionTracer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model_name={self.model_name!r}, version_name={self.version_name!r}, "

@@ -401,11 +401,16 @@ def test_generic_centernet_decoding(keys, stacked, store_dir):
     assert rows[0]["pred_labels"] == [0, 1]
 
 
-def test_generic_detr_boxes_are_clipped_to_the_image():
+def test_generic_detr_boxes_past_the_border_are_stored_clipped(store_dir):
     logits = detr_logits([[[0.7, 0.2, 0.1]]])
     boxes = torch.tensor([[[0.875, 0.5, 0.5, 0.5]]])  # x from 0.625 to 1.125 of the width
     decoded = generic.decode_detr(logits, boxes, [(32, 64)])
-    np.testing.assert_array_equal(decoded[0]["boxes"].numpy(), [[40.0, 8.0, 64.0, 24.0]])
+    np.testing.assert_array_equal(decoded[0]["boxes"].numpy(), [[40.0, 8.0, 72.0, 24.0]])  # as DETR's PostProcess
+    tracer = DetectionTracer(lambda x: x, "det", "v1", postprocess=lambda out, images: decoded)
+    tracer(torch.zeros(1, 3, 32, 64), [{"boxes": np.zeros((0, 4)), "labels": []}], input_ids=["a"])
+    tracer.wait_for_save()
+    assert LocalStore(store_dir).read_traces("det", "v1", "train", [0]).to_pylist()[0]["pred_boxes"] == [
+        [40.0, 8.0, 64.0, 24.0]]
 
 
 def test_generic_centernet_without_offset_head_uses_cell_centres():

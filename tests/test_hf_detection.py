@@ -187,7 +187,7 @@ def test_decoding_equals_the_families_image_processor(family, store_dir):
     images, _ = rectangles(2)
     with torch.no_grad():
         outputs = model(pixel_values=images)
-    tracer = ObjectDetectionTracer(model, family, "v1", score_thresh=0.02, clip_boxes=False)
+    tracer = ObjectDetectionTracer(model, family, "v1", score_thresh=0.02)
     decoded = tracer.decode(outputs, images)
     expected = processor_class().post_process_object_detection(outputs, threshold=0.02,
                                                                target_sizes=[(SIZE, SIZE)] * 2, **extra)
@@ -197,13 +197,8 @@ def test_decoding_equals_the_families_image_processor(family, store_dir):
             assert torch.equal(decoded[key][i], reference[key]), (key, i)
     assert decoded["image_size"].tolist() == [[SIZE, SIZE]] * 2
 
-    clipped = ObjectDetectionTracer(model, family, "v2", score_thresh=0.02).decode(outputs, images)
-    for i, reference in enumerate(expected):
-        assert torch.equal(clipped["boxes"][i], reference["boxes"].clamp(0, SIZE))
-        assert torch.equal(clipped["scores"][i], reference["scores"])
 
-
-def test_boxes_are_pixels_of_the_canvas_and_clipped_to_the_image(store_dir):
+def test_boxes_are_pixels_of_the_canvas(store_dir):
     """Synthetic outputs with known boxes: [cx, cy, w, h] normalised -> xyxy pixels (canvas 32 x 64)."""
     logits = torch.full((1, 2, 4), -10.0)
     logits[0, 0, 1] = logits[0, 1, 2] = 10.0  # query 0 -> class 1, query 1 -> class 2; column 3 = no object
@@ -212,7 +207,7 @@ def test_boxes_are_pixels_of_the_canvas_and_clipped_to_the_image(store_dir):
     tracer = ObjectDetectionTracer(detr(), "detr", "v1")
     decoded = tracer.decode(outputs, torch.zeros(1, 3, 32, 64))
     assert decoded["labels"][0].tolist() == [1, 2]
-    assert decoded["boxes"][0].tolist() == [[16.0, 4.0, 48.0, 12.0], [40.0, 12.0, 64.0, 20.0]]
+    assert decoded["boxes"][0].tolist() == [[16.0, 4.0, 48.0, 12.0], [40.0, 12.0, 72.0, 20.0]]  # stored clipped
     sizes = tracer.decode(outputs, torch.zeros(1, 3, 32, 64))["image_size"].tolist()
     assert sizes == [[32, 64]]
 

@@ -18,8 +18,8 @@ processors normalise the labels of a padded batch by the *padded* size (``labels
 padded size, padding goes right and bottom), so predictions refer to the same canvas; with
 ``pixel_mask`` the recorded image size is each image's unpadded size (rows/columns holding a valid pixel)
 while the scale stays the canvas. ``target_sizes=`` (alias ``image_sizes=``), e.g. original image sizes,
-replaces both, as in Hugging Face's pipelines. Predicted boxes are then clipped to the image (a sigmoid
-``cx +- w/2`` may reach past the border; torchvision clips the same way) unless ``clip_boxes=False``.
+replaces both, as in Hugging Face's pipelines. The codec clips the stored predictions to the image (a
+sigmoid ``cx +- w/2`` may reach past the border).
 
 Ground truth: the product's formats (``[x1, y1, x2, y2]`` pixels of the same images) or Hugging Face's
 labels (a list of dicts with ``class_labels`` and normalised ``[cx, cy, w, h]`` ``boxes``, as the image
@@ -120,16 +120,15 @@ class DetrDecoder:
     """The model family's ``post_process_object_detection`` bound to its settings.
 
     ``decoder(outputs, sizes)`` -> ``{"boxes", "scores", "labels", "image_size"}`` (lists per image,
-    boxes ``[x1, y1, x2, y2]`` pixels, clipped to ``sizes.image`` when ``clip_boxes``). ``top_k`` goes to
+    boxes ``[x1, y1, x2, y2]`` pixels of ``sizes.scale``, recorded with ``sizes.image``). ``top_k`` goes to
     processors that take it (sigmoid top-k over queries x classes); RT-DETR's gets ``use_focal_loss``
     from the config.
     """
 
-    def __init__(self, config: Any, score_thresh: float, top_k: int, clip_boxes: bool = True):
+    def __init__(self, config: Any, score_thresh: float, top_k: int):
         self.processor_class = _processor_class(config)
         self.processor = _processor(self.processor_class)
         self.score_thresh = float(score_thresh)
-        self.clip_boxes = clip_boxes
         accepted = inspect.signature(self.processor.post_process_object_detection).parameters
         self.extra: dict = {}
         if "top_k" in accepted:
@@ -148,10 +147,7 @@ class DetrDecoder:
         with torch.no_grad():
             results = self.processor.post_process_object_detection(
                 raw, threshold=self.score_thresh, target_sizes=sizes.scale.to(boxes.device), **self.extra)
-        out_boxes = [r["boxes"] for r in results]
-        if self.clip_boxes:  # sizes live on the CPU: no device sync per image
-            out_boxes = [_clip(b, float(h), float(w)) for b, (h, w) in zip(out_boxes, sizes.image.tolist())]
-        return {"boxes": out_boxes, "scores": [r["scores"] for r in results],
+        return {"boxes": [r["boxes"] for r in results], "scores": [r["scores"] for r in results],
                 "labels": [r["labels"] for r in results], "image_size": sizes.image}
 
 
@@ -163,18 +159,10 @@ class _Outputs:
     pred_boxes: torch.Tensor
 
 
-def _clip(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor:
-    if boxes.shape[0] == 0:
-        return boxes
-    x = boxes[:, 0::2].clamp(0.0, width)
-    y = boxes[:, 1::2].clamp(0.0, height)
-    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
-
-
 @dataclass
 class ImageSizes:
     """Per image (batch, 2) int64 ``(height, width)``: ``scale`` multiplies the normalised boxes (predicted
-    and Hugging Face labels), ``image`` is what is recorded and what predictions are clipped to."""
+    and Hugging Face labels), ``image`` is what is recorded (and what the codec clips predictions to)."""
 
     scale: torch.Tensor
     image: torch.Tensor
@@ -293,8 +281,6 @@ class HFDetrTracer(DetectionTracer):
     ``ModelOutput`` (with ``.loss``: ``labels`` are built from ``targets`` unless passed, in eval mode too,
     where the loss costs one Hungarian matching; ``labels=None`` skips it). ``image_sizes=`` is an alias of
     ``target_sizes=``; other keywords go to the model.
-
-    Extra argument: ``clip_boxes`` (default True) clips predicted boxes to the image.
     """
 
     architecture = "hf.ForObjectDetection"
@@ -302,7 +288,7 @@ class HFDetrTracer(DetectionTracer):
 
     def __init__(self, model: Any, model_name: str, version_name: str, score_thresh: float | None = None,
                  iou_thresh: float | None = None, max_detections_per_image: int | None = None, *,
-                 clip_boxes: bool = True, feature_layer: Any = None, postprocess: Any = None, **kwargs: Any):
+                 feature_layer: Any = None, postprocess: Any = None, **kwargs: Any):
         config = getattr(model, "config", None)
         if config is None:
             raise TypeError(f"{type(model).__name__} has no .config; HFDetrTracer traces transformers models")
@@ -312,7 +298,7 @@ class HFDetrTracer(DetectionTracer):
         super().__init__(model, model_name, version_name, score_thresh, iou_thresh, max_detections_per_image,
                          feature_layer=feature_layer, postprocess=postprocess, **kwargs)
         self.decoder = None if postprocess is not None else DetrDecoder(
-            config, self.score_thresh, self.max_detections_per_image, clip_boxes)
+            config, self.score_thresh, self.max_detections_per_image)
         self._capture = (TorchFeatureCapture(model, feature_layer) if isinstance(feature_layer, (str, torch.nn.Module))
                          else None)
 
@@ -320,21 +306,8 @@ class HFDetrTracer(DetectionTracer):
         return detr_settings(self.model)
 
     # -- tracing -------------------------------------------------------------------------------
-    def __call__(self, images: Any, targets: Any, input_ids: Any = None, dataset_type: str = "train",
-                 n_epoch: int | None = None, **forward_kwargs: Any) -> Any:
-        """Run the model on ``pixel_values``, trace detections and ground truth, return the model output."""
-        outputs, raw, features = self.forward(images, targets, **forward_kwargs)
-        try:
-            detections = self.detections(raw, images)
-        except Exception as exc:  # noqa: BLE001 - tracing must never break the user's loop
-            if self.strict:
-                raise
-            self.core.skip("undecodable_output", len(raw.sizes.scale),
-                           str(exc) if isinstance(exc, TraceInputError) else f"{type(exc).__name__}: {exc}")
-            return outputs
-        self.core.record(detections, raw.targets, input_ids=input_ids, dataset_type=dataset_type,
-                         n_epoch=n_epoch, features=features, inputs=images)
-        return outputs
+    def ground_truth(self, targets: Any, raw: "DetrForward") -> Any:
+        return raw.targets  # converted by forward() (Hugging Face labels become xyxy pixels)
 
     def forward(self, images: Any, targets: Any, **kwargs: Any) -> tuple[Any, DetrForward, Any]:
         target_sizes = kwargs.pop("target_sizes", None)

@@ -27,10 +27,8 @@
     offset head), box = centre -/+ wh / 2, multiplied by the output stride (image size / heatmap size,
     per axis). Class-specific wh heads (``cat_spec_wh``) are not supported: pass ``postprocess=``.
 
-DETR and CenterNet boxes are clipped to the image (torchvision's detectors do the same; DETR's and
-CenterNet's own post-processing do not): these models legitimately predict boxes partly outside the
-image, and the codec refuses an image whose boxes lie beyond its border, as that usually means a wrong
-coordinate convention.
+Boxes are decoded exactly as the models' own post-processing does (which does not clip); the codec clips
+every family's stored predictions to the image.
 
 Anything else raises ``TraceInputError`` naming these formats and ``postprocess=``. The facebookresearch
 repositories are not pip packages and are not installed here: the tests use real ``nn.Module``s with
@@ -51,6 +49,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from mldbg_callbacks.core.arrays import to_numpy
 from mldbg_callbacks.errors import TraceInputError
+from mldbg_callbacks.integrations.torch_model import PooledFeatures
 from mldbg_callbacks.training import DetectionTracer
 
 # facebookresearch class names -> how their classifier is turned into scores (see the module docstring)
@@ -61,75 +60,6 @@ OUTPUT_FORMATS = (
     "dicts, one per image; (2) facebookresearch DETR: {'pred_logits': (B, Q, C+1), 'pred_boxes': (B, Q, 4) "
     "normalised [cx, cy, w, h]}; (3) CenterNet: {'hm' or 'heatmap': (B, C, H/4, W/4) logits, 'wh': (B, 2, H/4, "
     "W/4), 'reg' or 'offset': (B, 2, H/4, W/4)} or a list of those (one per stack)")
-
-
-class PooledFeatures:
-    """A forward hook keeping a ``(B, C)`` image embedding: a module's output, mean-pooled over space.
-
-    The module's output is reduced to one feature map first (``last_feature_map``); pooling happens in
-    ``pop()``, so a pass whose features are discarded costs nothing but the hook call.
-
-    Args:
-        model: the detector (module names are resolved in it).
-        feature_layer: ``None`` = ``default``; a module name or ``nn.Module`` = that module; ``False`` = none.
-        default: the family's default module (a backbone), or ``None`` for no default features.
-    """
-
-    def __init__(self, model: torch.nn.Module, feature_layer: Any, default: torch.nn.Module | None):
-        self._latest: Any = None
-        self._handle: Any = None
-        if feature_layer is False:
-            return
-        if feature_layer is None:
-            layer = default
-        elif isinstance(feature_layer, str):
-            try:
-                layer = model.get_submodule(feature_layer)
-            except AttributeError:
-                names = [name for name, _ in model.named_modules() if name]
-                raise ValueError(f"feature_layer={feature_layer!r} is not a submodule of {type(model).__name__}; "
-                                 f"some names: {names[:8]}") from None
-        elif isinstance(feature_layer, torch.nn.Module):
-            layer = feature_layer
-        else:
-            raise TypeError(f"feature_layer must be None, False, a module name or an nn.Module, got {feature_layer!r}")
-        if layer is not None:
-            self._handle = layer.register_forward_hook(self._capture)
-
-    def _capture(self, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-        self._latest = last_feature_map(output)
-
-    def pop(self) -> torch.Tensor | None:
-        """The pooled features of the most recent forward pass (detached), then forget them."""
-        fmap, self._latest = self._latest, None
-        if fmap is None or fmap.ndim < 2:
-            return None
-        fmap = fmap.detach()
-        if fmap.ndim == 3:  # (B, tokens, dim): a transformer's sequence
-            return fmap.mean(dim=1)
-        return fmap.flatten(2).mean(-1) if fmap.ndim > 3 else fmap  # (B, C, H, W...) -> (B, C)
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
-def last_feature_map(output: Any) -> torch.Tensor | None:
-    """One tensor out of a backbone's output: the tensor itself; the last value of a dict (torchvision's
-    FPN returns finest to coarsest, so the coarsest level); the last element of a list (a list of stages);
-    the first element of a tuple (``(features, extras)``, e.g. DETR's ``Joiner`` returns ``(features,
-    position encodings)``); ``.tensors`` of a DETR ``NestedTensor``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        return last_feature_map(list(output.values())[-1]) if output else None
-    if isinstance(output, tuple):
-        return last_feature_map(output[0]) if output else None
-    if isinstance(output, list):
-        return last_feature_map(output[-1]) if output else None
-    tensors = getattr(output, "tensors", None)
-    return tensors if isinstance(tensors, torch.Tensor) else None
 
 
 def detr_score_activation(model: Any) -> str | None:
@@ -177,18 +107,12 @@ def _scale(image_sizes: list[tuple[int, int]], device: torch.device) -> torch.Te
     return torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32, device=device)
 
 
-def clip_to_images(boxes: torch.Tensor, image_sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """(B, K, 4) xyxy pixel boxes clipped to each image's ``[0, W] x [0, H]``."""
-    return torch.minimum(boxes.clamp(min=0), _scale(image_sizes, boxes.device)[:, None, :])
-
-
 def decode_detr(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, image_sizes: list[tuple[int, int]] | None,
                 score_activation: str = "softmax", top_k: int = 100) -> list[dict[str, torch.Tensor]]:
     """facebookresearch DETR outputs as per-image ``{'boxes' (xyxy pixels), 'scores', 'labels'}``.
 
     ``softmax``: DETR's ``PostProcess`` (one detection per query, "no object" class dropped).
     ``sigmoid``: Deformable/Conditional DETR's ``PostProcess`` (top ``top_k`` of all query-class pairs).
-    Boxes are then clipped to the image.
     """
     if image_sizes is None:
         raise TraceInputError("DETR boxes are normalised to [0, 1] and the image sizes are unknown: pass images "
@@ -208,15 +132,14 @@ def decode_detr(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, image_sizes
         boxes = boxes.gather(1, (index // classes).unsqueeze(-1).expand(-1, -1, 4))
     else:
         raise ValueError(f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}")
-    xyxy = clip_to_images(cxcywh_to_xyxy(boxes) * _scale(image_sizes, boxes.device)[:, None, :], image_sizes)
+    xyxy = cxcywh_to_xyxy(boxes) * _scale(image_sizes, boxes.device)[:, None, :]
     return [{"boxes": xyxy[i], "scores": scores[i], "labels": labels[i]} for i in range(len(xyxy))]
 
 
 def decode_centernet(head: Mapping, image_sizes: list[tuple[int, int]] | None,
                      top_k: int = 100) -> list[dict[str, torch.Tensor]]:
     """CenterNet ``ctdet`` heads as per-image ``{'boxes' (xyxy pixels), 'scores', 'labels'}`` (see the
-    module docstring; the same steps as CenterNet's ``ctdet_decode``, boxes scaled by the stride and
-    clipped to the image)."""
+    module docstring; the same steps as CenterNet's ``ctdet_decode``, boxes scaled by the stride)."""
     heat = head["hm"] if "hm" in head else head["heatmap"]
     offset = head["reg"] if "reg" in head else head.get("offset")
     heat, wh = heat.detach().float(), head["wh"].detach().float()
@@ -246,7 +169,7 @@ def decode_centernet(head: Mapping, image_sizes: list[tuple[int, int]] | None,
     boxes = torch.stack([xs - size[:, 0] / 2, ys - size[:, 1] / 2, xs + size[:, 0] / 2, ys + size[:, 1] / 2], dim=-1)
     stride = torch.tensor([[w / width, h / height, w / width, h / height] for h, w in image_sizes],
                           dtype=torch.float32, device=boxes.device)
-    boxes = clip_to_images(boxes * stride[:, None, :], image_sizes)
+    boxes = boxes * stride[:, None, :]
     return [{"boxes": boxes[i], "scores": scores[i], "labels": labels[i]} for i in range(batch)]
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from mldbg_callbacks.integrations.detectors.torch_generic import PooledFeatures
+from mldbg_callbacks.integrations.torch_model import PooledFeatures
 from mldbg_callbacks.tasks.detection import ground_truth_lists
 from mldbg_callbacks.training import DetectionTracer
 

@@ -33,8 +33,11 @@ from .classification import _binary_scores
 from .coco import Boxes, coco_evaluate, match_detections
 from .dynamics import training_dynamics
 from .error_proba import ErrorProbaEstimator, operating_threshold
-from .issues import CATEGORY_SUMMARY_ORDER, assign_detection
+from .issues import assign_detection
 from .neighbors import hotspot_regions
+from .pipeline import category_summary
+from .selection import reference_key
+from .tide import tide_errors
 
 ReadTraces = Callable[[str, int, bool], pa.Table]
 MATCH_IOU = 0.5
@@ -239,8 +242,6 @@ class Outcomes:
 
 
 def outcomes_at(images: Images, match: EpochMatch, score_op: float) -> Outcomes:
-    from .tide import tide_errors
-
     dets = images.dets
     op_index = np.flatnonzero(dets.score >= score_op)
     per_image = np.bincount(dets.image[op_index], minlength=1)
@@ -315,8 +316,6 @@ def evaluate_detection(read: ReadTraces, meta: dict, epochs: dict[str, list[int]
                            "score_op": out["reference"].score_op, "tau_op": out["reference"].tau_op,
                            "tau_stable": out["reference"].tau_stable, "risk": risk})
     tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
-    from .pipeline import category_summary
-
     return DetectionEvaluation(tables["samples"], tables["metrics"], category_summary(tables["samples"]),
                                tables["history"], tables["per_class"], tables["tide"], tables["images"],
                                thresholds, run.notes)
@@ -350,16 +349,7 @@ class _Run:
         return self._matches[(dataset_type, epoch)]
 
     def reference_key(self, dataset_type: str, epoch: int) -> tuple[str, int]:
-        train = self.committed.get("train", [])
-        if dataset_type == "train" or not train:
-            if dataset_type != "train":
-                self.note(f"{dataset_type}: no train traces, so {dataset_type} is its own reference set")
-            return dataset_type, epoch
-        earlier = [e for e in train if e <= epoch]
-        chosen = earlier[-1] if earlier else train[0]
-        if chosen != epoch:
-            self.note(f"{dataset_type} epoch {epoch}: no train traces of that epoch; reference set is train epoch {chosen}")
-        return "train", chosen
+        return reference_key(self.committed, dataset_type, epoch, self.note)
 
     def reference(self, key: tuple[str, int]) -> Reference:
         if key in self._references:
@@ -405,8 +395,6 @@ class _Run:
 
     # -- one dataset and epoch ----------------------------------------------------------------
     def evaluate(self, dataset_type: str, epoch: int) -> dict:
-        from .tide import tide_errors
-
         images, match = self.images(dataset_type, epoch), self.match(dataset_type, epoch)
         ref_key = self.reference_key(dataset_type, epoch)
         reference = self.reference(ref_key)
@@ -451,10 +439,10 @@ class _Run:
         per_class = coco.per_class()
         per_class.insert(0, "n_epoch", epoch)
         per_class.insert(0, "dataset", dataset_type)
-        counts, dap = tide_all.counts(), tide_all.dap()
-        tide = pd.DataFrame({"dataset": dataset_type, "n_epoch": epoch, "error_type": list(counts),
-                             "count": [counts[t] for t in counts], "dap": [dap.get(t, np.nan) for t in counts]})
-        image_view = _image_view(samples, images, accepted, match)
+        counts, dap = tide_all.counts(), {**tide_all.dap(), **tide_all.special_dap()}
+        tide = pd.DataFrame({"dataset": dataset_type, "n_epoch": epoch, "error_type": list(dap),
+                             "count": [counts.get(t, np.nan) for t in dap], "dap": list(dap.values())})
+        image_view = _image_view(samples, images, accepted)
         image_view.insert(0, "n_epoch", epoch)
         image_view.insert(0, "dataset_type", dataset_type)
         return {"samples": samples, "metrics": pd.DataFrame([metrics]), "per_class": per_class, "tide": tide,
@@ -562,7 +550,7 @@ def _units(images: Images, out: Outcomes, det_proba: np.ndarray, gt_proba: np.nd
     return units
 
 
-def _image_view(samples: pd.DataFrame, images: Images, accepted: np.ndarray, match: EpochMatch) -> pd.DataFrame:
+def _image_view(samples: pd.DataFrame, images: Images, accepted: np.ndarray) -> pd.DataFrame:
     """One row per image: objects, detections at the operating point, TP / FP / missed, worst category."""
     per_image = samples.groupby("input_id")
     frame = pd.DataFrame({"input_id": images.input_id})
@@ -584,4 +572,4 @@ def _image_view(samples: pd.DataFrame, images: Images, accepted: np.ndarray, mat
     return frame
 
 
-__all__ = ["CATEGORY_SUMMARY_ORDER", "METRIC_COLUMNS", "evaluate_detection", "load_images", "Images"]
+__all__ = ["METRIC_COLUMNS", "evaluate_detection", "load_images", "Images"]

@@ -26,6 +26,7 @@ from .dynamics import training_dynamics
 from .error_proba import ErrorProbaEstimator, operating_threshold
 from .issues import CATEGORY_SUMMARY_ORDER, assign_classification
 from .neighbors import NeighborIndex, fit_regions, hotspot_regions, neighbor_signals, normalize
+from .selection import reference_key
 
 HISTORY_COLUMNS = ["dataset_type", "n_epoch", "input_id", "label", "pred", "correct", "loss", "entropy", "msp",
                    "margin", "logit_margin", "p_label"]
@@ -153,17 +154,7 @@ class _Run:
 
     # -- reference ----------------------------------------------------------------------------
     def reference_key(self, dataset_type: str, epoch: int) -> tuple[str, int]:
-        train = self.committed.get("train", [])
-        if dataset_type == "train" or not train:
-            if dataset_type != "train":
-                self.note(f"{dataset_type}: no train traces, so {dataset_type} is its own reference set "
-                          "(each unit left out of its own neighbourhood)")
-            return dataset_type, epoch
-        earlier = [e for e in train if e <= epoch]
-        chosen = earlier[-1] if earlier else train[0]
-        if chosen != epoch:
-            self.note(f"{dataset_type} epoch {epoch}: no train traces of that epoch; reference set is train epoch {chosen}")
-        return "train", chosen
+        return reference_key(self.committed, dataset_type, epoch, self.note)
 
     def embedding(self, units: ClassificationUnits, kind: str) -> np.ndarray:
         return units.features if kind == "features" else units.probs

@@ -170,8 +170,8 @@ class Result:
                 .groupby(["dataset_type", "n_epoch"]).head(top).drop(columns="label_count").reset_index(drop=True))
 
     def tide(self) -> pd.DataFrame:
-        """Detection: TIDE error counts and dAP per error type (Cls, Loc, Both, Dupe, Bkg, Miss, and the
-        FalsePos / FalseNeg summaries), per dataset and epoch, as tidecv computes them."""
+        """Detection: TIDE error counts and dAP (AP50 points) per error type (Cls, Loc, Both, Dupe, Bkg, Miss;
+        and the FalsePos / FalseNeg summaries, which have no count), per dataset and epoch, as tidecv."""
         return self._detection_table("tide")
 
     def per_class(self) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import NoTracesError
 from ..store.local import Partition
@@ -61,3 +62,20 @@ def select_epochs(partitions: list[Partition], n_epoch: "str | int | None" = "la
         available = sorted({p.n_epoch for p in readable})
         raise NoTracesError(f"n_epoch={n_epoch} has no committed traces; committed epochs: {available}")
     return selection
+
+
+def reference_key(committed: dict[str, list[int]], dataset_type: str, epoch: int,
+                  note: Callable[[str], None]) -> tuple[str, int]:
+    """The reference set of one evaluated (dataset_type, epoch): the ``train`` traces of that epoch, else the
+    nearest earlier (or the first) train epoch, else the dataset itself; ``note`` tells the user which."""
+    train = committed.get("train", [])
+    if dataset_type == "train" or not train:
+        if dataset_type != "train":
+            note(f"{dataset_type}: no train traces, so {dataset_type} is its own reference set (each unit is left "
+                 "out of what it is scored against)")
+        return dataset_type, epoch
+    earlier = [e for e in train if e <= epoch]
+    chosen = earlier[-1] if earlier else train[0]
+    if chosen != epoch:
+        note(f"{dataset_type} epoch {epoch}: no train traces of that epoch; reference set is train epoch {chosen}")
+    return "train", chosen
