@@ -16,6 +16,7 @@ import pandas as pd
 
 from . import __version__
 from .evaluation.detection import evaluate_detection
+from .evaluation.detection3d import evaluate_detection3d
 from .evaluation.pipeline import evaluate_classification
 from .evaluation.result import Result
 from .evaluation.selection import select_epochs
@@ -25,7 +26,8 @@ from .store.names import validate_name
 __all__ = ["Evaluator", "Result"]
 
 ProgressCallback = Callable[[str, int, int], None]
-EVALUATIONS = {"classification": evaluate_classification, "object_detection": evaluate_detection}
+EVALUATIONS = {"classification": evaluate_classification, "object_detection": evaluate_detection,
+               "object_detection_3d": evaluate_detection3d}
 
 
 class Evaluator:
@@ -78,7 +80,7 @@ class Evaluator:
         }
         tables = {name: getattr(evaluation, name) for name in ("samples", "metrics", "categories", "history",
                                                                  "per_class", "tide", "images")
-                  if hasattr(evaluation, name)}
+                  if getattr(evaluation, name, None) is not None}
         self.store.save_result(self.model_name, self.version_name, name, result_meta, tables)
         return Result(result_meta, tables)
 

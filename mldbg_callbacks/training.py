@@ -20,11 +20,14 @@ from .store import LocalStore, resolve_store
 from .store.names import validate_name
 from .tasks.classification import ClassificationCodec
 from .tasks.detection import DetectionCodec
+from .tasks.detection3d import Detection3DCodec
 
-__all__ = ["ClassificationTracer", "ObjectDetectionTracer", "DetectionTracer", "ObjectDetection3DTracer"]
+__all__ = ["ClassificationTracer", "ObjectDetectionTracer", "DetectionTracer", "ObjectDetection3DTracer",
+           "Detection3DTracer"]
 
 # Fallbacks of the product page when neither the caller nor the model sets a detection threshold.
 DEFAULT_SCORE_THRESH, DEFAULT_IOU_THRESH, DEFAULT_MAX_DETECTIONS = 0.05, 0.5, 300
+DEFAULT_3D_SCORE_THRESH, DEFAULT_3D_IOU_THRESH = 0.1, 0.2
 
 
 def _class_names(obj: Any) -> list[str]:
@@ -243,6 +246,7 @@ class DetectionTracer(_Tracer):
 
     architecture = "custom"
     uses_nms = True
+    default_thresholds = (DEFAULT_SCORE_THRESH, DEFAULT_IOU_THRESH, DEFAULT_MAX_DETECTIONS)
 
     def __init__(self, model: Any, model_name: str, version_name: str, score_thresh: float | None = None,
                  iou_thresh: float | None = None, max_detections_per_image: int | None = None, *,
@@ -262,19 +266,23 @@ class DetectionTracer(_Tracer):
             warnings.warn(f"{self.architecture} has no NMS, so iou_thresh={iou_thresh} is ignored; filtering uses "
                           "score_thresh and max_detections_per_image", UserWarning, stacklevel=3)
             iou_thresh = None
-        self.score_thresh = _first(score_thresh, inferred.get("score_thresh"), DEFAULT_SCORE_THRESH)
-        self.iou_thresh = None if not self.uses_nms else _first(iou_thresh, inferred.get("iou_thresh"),
-                                                                  DEFAULT_IOU_THRESH)
+        default_score, default_iou, default_max = self.default_thresholds
+        self.score_thresh = _first(score_thresh, inferred.get("score_thresh"), default_score)
+        self.iou_thresh = None if not self.uses_nms else _first(iou_thresh, inferred.get("iou_thresh"), default_iou)
         self.max_detections_per_image = int(_first(max_detections_per_image, inferred.get("max_detections"),
-                                                   DEFAULT_MAX_DETECTIONS))
+                                                   default_max))
         self.num_classes = _first(num_classes, inferred.get("num_classes"), None)
         self.class_names = class_names if class_names is not None else inferred.get("class_names")
-        self.core = detection_core(self.model_name, self.version_name, store=self.store,
-                                   num_classes=self.num_classes, score_thresh=self.score_thresh,
+        self.core = self.make_core(inferred, model_name=self.model_name, version_name=self.version_name,
+                                   store=self.store, num_classes=self.num_classes, score_thresh=self.score_thresh,
                                    iou_thresh=self.iou_thresh, max_detections=self.max_detections_per_image,
                                    architecture=self.architecture, class_names=self.class_names,
                                    flush_every=flush_every, strict=strict, max_feature_dim=max_feature_dim,
                                    max_pending_batches=max_pending_batches)
+
+    def make_core(self, inferred: dict, **options: Any) -> TraceCore:
+        """The tracing core (a 2D detection core; the 3D tracer makes a 3D one)."""
+        return detection_core(**options)
 
     # -- what a family overrides --------------------------------------------------------------
     def model_settings(self) -> dict:
@@ -315,12 +323,17 @@ class DetectionTracer(_Tracer):
         except Exception as exc:  # noqa: BLE001 - tracing must never break the user's loop
             if self.strict:
                 raise
-            self.core.skip("undecodable_output", _count(images),
+            self.core.skip("undecodable_output", self.count_inputs(images),
                            str(exc) if isinstance(exc, TraceInputError) else f"{type(exc).__name__}: {exc}")
             return outputs
         self.core.record(detections, self.ground_truth(targets, raw), input_ids=input_ids, dataset_type=dataset_type,
                          n_epoch=n_epoch, features=features, inputs=images)
         return outputs
+
+    def count_inputs(self, images: Any) -> int:
+        """How many images (frames) a call's input holds, for the skip counters (a family whose input is a
+        dict of batch fields, e.g. mmdet3d's or OpenPCDet's, overrides)."""
+        return _count(images)
 
     def ground_truth(self, targets: Any, raw: Any) -> Any:
         """The ground truth to store (a family whose forward converts it, e.g. from normalised boxes, overrides)."""
@@ -394,7 +407,71 @@ def _count(value: Any) -> int:
         return 0
 
 
-def ObjectDetection3DTracer(model: Any, model_name: str, version_name: str, **kwargs: Any) -> Any:  # noqa: N802
-    """3D object detection tracer factory of the product page (not part of this version yet)."""
-    raise NotImplementedError("ObjectDetection3DTracer (3D object detection) is not available in this version "
-                              "yet; ClassificationTracer is")
+def detection3d_core(model_name: str, version_name: str, *, store: str | os.PathLike | LocalStore | None = None,
+                     num_classes: int | None = None, score_thresh: float = DEFAULT_3D_SCORE_THRESH,
+                     iou_thresh: float | None = DEFAULT_3D_IOU_THRESH,
+                     max_detections: int = DEFAULT_MAX_DETECTIONS, pc_range: Any = None,
+                     architecture: str = "custom", class_names: Mapping | None = None, flush_every: int = 1,
+                     strict: bool = False, max_feature_dim: int = 1024, max_pending_batches: int = 32) -> TraceCore:
+    """The tracing core of a 3D detection run: ``core.record(detections, targets, ...)`` with
+    ``detections = {"boxes": [per frame (N, 7 or 9) [cx, cy, cz, w, l, h, yaw(, vx, vy)]], "scores": [...],
+    "labels": [...]}`` and ``targets`` in either format of the product page (``tasks/detection3d.py``)."""
+    codec = Detection3DCodec(num_classes=num_classes, score_thresh=score_thresh, iou_thresh=iou_thresh,
+                             max_detections=max_detections, architecture=architecture, class_names=class_names,
+                             max_feature_dim=max_feature_dim, pc_range=pc_range)
+    run = resolve_store(store).run(validate_name(model_name, "model_name"), validate_name(version_name, "version_name"))
+    return TraceCore(codec, run, flush_every=flush_every, strict=strict, max_pending_batches=max_pending_batches)
+
+
+class Detection3DTracer(DetectionTracer):
+    """Trace a 3D detector's per-frame boxes and ground truth (base of every 3D family).
+
+    ``ObjectDetection3DTracer(model, ...)`` picks the subclass; use this class with ``postprocess=`` for a
+    model no family covers (``postprocess(outputs, inputs) -> [{"boxes": (N, 7|9), "scores", "labels"}]``).
+    Boxes are ``[cx, cy, cz, w, l, h, yaw]`` (geometric centre, metres, radians; ``l`` along the heading),
+    optionally ``+ [vx, vy]``; ground truth in either format of the product page, optionally with
+    ``velocities`` (M, 2).
+
+    Args: as ``DetectionTracer``, with ``max_detections_per_frame`` and ``pc_range`` (``[x_min, y_min,
+    z_min, x_max, y_max, z_max]``, read from the model when ``None``; required by families that need
+    it to decode, e.g. BEVFormer). Fallbacks 0.1 / 0.2 / 300; ``iou_thresh`` only matters for NMS models.
+    """
+
+    default_thresholds = (DEFAULT_3D_SCORE_THRESH, DEFAULT_3D_IOU_THRESH, DEFAULT_MAX_DETECTIONS)
+    needs_pc_range = False
+
+    def __init__(self, model: Any, model_name: str, version_name: str, score_thresh: float | None = None,
+                 iou_thresh: float | None = None, max_detections_per_frame: int | None = None, *,
+                 pc_range: Any = None, **kwargs: Any):
+        self._pc_range_arg = pc_range
+        super().__init__(model, model_name, version_name, score_thresh, iou_thresh, max_detections_per_frame,
+                         **kwargs)
+
+    def make_core(self, inferred: dict, **options: Any) -> TraceCore:
+        self.pc_range = _first(self._pc_range_arg, inferred.get("pc_range"))
+        if self.pc_range is None and self.needs_pc_range:
+            raise ValueError(f"{type(self).__name__} needs pc_range=[x_min, y_min, z_min, x_max, y_max, z_max] to "
+                             "decode its boxes and the model does not declare it (e.g. in its bbox_coder); pass "
+                             "pc_range= to ObjectDetection3DTracer")
+        return detection3d_core(pc_range=self.pc_range, **options)
+
+    @property
+    def max_detections_per_frame(self) -> int:
+        return self.max_detections_per_image
+
+    def image_sizes(self, inputs: Any) -> None:
+        return None  # 3D boxes are metres, not pixels of an image
+
+
+def ObjectDetection3DTracer(model: Any, model_name: str, version_name: str,  # noqa: N802 - the product's name
+                            score_thresh: float | None = None, iou_thresh: float | None = None,
+                            max_detections_per_frame: int | None = None, pc_range: Any = None,
+                            **kwargs: Any) -> Detection3DTracer:
+    """Factory of the product page: recognises the 3D detector (MMDetection3D, OpenPCDet, ...) and returns
+    the matching ``Detection3DTracer`` subclass (families: ``mldbg_callbacks.integrations.detectors3d``).
+    Thresholds left at ``None`` are read from the model's config, else 0.1 / 0.2 / 300."""
+    from .integrations.detectors3d import detector3d_class
+
+    cls = detector3d_class(model, postprocess=kwargs.get("postprocess"))
+    return cls(model, model_name, version_name, score_thresh=score_thresh, iou_thresh=iou_thresh,
+               max_detections_per_frame=max_detections_per_frame, pc_range=pc_range, **kwargs)

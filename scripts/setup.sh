@@ -31,9 +31,11 @@ if [ ! -f "$stamp" ]; then
   quiet "$venv/bin/python" -m pip install -q --upgrade setuptools wheel -c "$repo/constraints.txt"
   quiet "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" -e "$repo[$extras]"
   if [ "$profile" = dev ]; then
-    # KerasHub's detectors run on Keras' torch backend; its declared tensorflow-text dependency would pull
-    # in TensorFlow, which nothing here uses, so it is installed without dependencies (pinned in constraints).
-    quiet "$venv/bin/python" -m pip install -q --no-deps -c "$repo/constraints.txt" keras-hub kagglehub kagglesdk protobuf
+    # Installed without dependencies (pinned in constraints): KerasHub's detectors run on Keras' torch
+    # backend, but it declares tensorflow-text (which pulls in TensorFlow); nuscenes-devkit (the reference
+    # of the 3D metrics in tests) declares numpy<2, and its evaluation code runs on numpy 2.
+    quiet "$venv/bin/python" -m pip install -q --no-deps -c "$repo/constraints.txt" keras-hub kagglehub kagglesdk \
+      protobuf nuscenes-devkit pyquaternion cachetools shapely
   fi
   touch "$stamp"
 fi

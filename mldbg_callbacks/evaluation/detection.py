@@ -21,6 +21,7 @@ the data pipeline must give an image's objects in the same order every epoch (ev
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +34,7 @@ from .classification import _binary_scores
 from .coco import Boxes, coco_evaluate, match_detections
 from .dynamics import training_dynamics
 from .error_proba import ErrorProbaEstimator, operating_threshold
-from .issues import assign_detection
+from .issues import WEAK_LOC_IOU, assign_detection
 from .neighbors import hotspot_regions
 from .pipeline import category_summary
 from .selection import reference_key
@@ -42,9 +43,7 @@ from .tide import tide_errors
 ReadTraces = Callable[[str, int, bool], pa.Table]
 MATCH_IOU = 0.5
 SMALL_AREA, LARGE_AREA = 32.0 ** 2, 96.0 ** 2  # COCO's size ranges
-DETECTION_SIGNALS = ["score", "score_rank", "log_area", "log_aspect", "label", "same_class_overlap",
-                     "image_detections", "image_max_score"]
-GT_SIGNALS = ["log_area", "log_aspect", "label", "best_overlap_score", "image_objects"]
+DUPLICATE_GT_IOU = 0.9  # a ground-truth box repeating an earlier one of its class and image this closely
 METRIC_COLUMNS = ["dataset", "counts", "n_images", "n_gt", "n_pred", "map", "ap50", "ap75", "ap_small",
                   "ap_medium", "ap_large", "precision", "recall", "score_op", "error_proba_auroc",
                   "error_proba_auprc"]
@@ -55,10 +54,12 @@ class Images:
     """The traces of one dataset and epoch, flattened: one entry per image, detection and GT object."""
 
     input_id: np.ndarray  # (n_images,) str
-    image_size: np.ndarray  # (n_images, 2) float64 (h, w), NaN when unknown
-    dets: Boxes
+    image_size: np.ndarray | None  # (n_images, 2) float64 (h, w), NaN when unknown; None for 3D frames
+    dets: Boxes  # box: (N, 4) xyxy for 2D, (N, 7) [cx, cy, cz, w, l, h, yaw] for 3D
     gts: Boxes
     gt_position: np.ndarray  # index of each GT object within its image's list
+    det_velocity: np.ndarray | None = None  # 3D: (N, 2), NaN where unknown
+    gt_velocity: np.ndarray | None = None
 
     @property
     def n_images(self) -> int:
@@ -74,7 +75,7 @@ def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return values.to_numpy(zero_copy_only=False), lengths
 
 
-def load_images(table: pa.Table) -> tuple[Images, int]:
+def load_images(table: pa.Table, box_width: int = 4) -> tuple[Images, int]:
     """Images of one epoch, keeping one row per input_id: the lowest rank's, and within a rank the newest
     (as for classification). Returns the images and the number of duplicate rows removed."""
     frame = pd.DataFrame({"input_id": table.column("input_id").to_numpy(zero_copy_only=False),
@@ -90,19 +91,30 @@ def load_images(table: pa.Table) -> tuple[Images, int]:
     labels, _ = _list_column(table, "pred_labels")
     gt_boxes, gt_counts = _list_column(table, "gt_boxes")
     gt_labels, _ = _list_column(table, "gt_labels")
-    size = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in ("image_h", "image_w")], axis=1)
+    size = (np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in ("image_h", "image_w")], axis=1)
+            if "image_h" in table.column_names else None)
     det_image = np.repeat(np.arange(n), det_counts)
     gt_image = np.repeat(np.arange(n), gt_counts)
     gt_starts = np.concatenate([[0], np.cumsum(gt_counts)[:-1]]) if n else np.zeros(0, np.int64)
     images = Images(
         input_id=table.column("input_id").to_numpy(zero_copy_only=False).astype(object),
-        image_size=np.asarray(size, dtype=np.float64),
-        dets=Boxes(image=det_image, label=labels.astype(np.int64), box=boxes.reshape(-1, 4).astype(np.float64),
-                   score=scores.astype(np.float64)),
-        gts=Boxes(image=gt_image, label=gt_labels.astype(np.int64), box=gt_boxes.reshape(-1, 4).astype(np.float64)),
+        image_size=None if size is None else np.asarray(size, dtype=np.float64),
+        dets=Boxes(image=det_image, label=labels.astype(np.int64),
+                   box=boxes.reshape(-1, box_width).astype(np.float64), score=scores.astype(np.float64)),
+        gts=Boxes(image=gt_image, label=gt_labels.astype(np.int64),
+                  box=gt_boxes.reshape(-1, box_width).astype(np.float64)),
         gt_position=np.arange(len(gt_image)) - np.repeat(gt_starts, gt_counts),
+        det_velocity=_velocities(table, "pred_velocities", len(det_image)),
+        gt_velocity=_velocities(table, "gt_velocities", len(gt_image)),
     )
     return images, duplicates
+
+
+def _velocities(table: pa.Table, name: str, n: int) -> np.ndarray | None:
+    if name not in table.column_names:
+        return None
+    values, _ = _list_column(table, name)
+    return values.reshape(n, 2).astype(np.float64)
 
 
 # -- geometry helpers (vectorised over pairs of boxes in the same group) ------------------------------
@@ -145,20 +157,15 @@ def _group_max(values: np.ndarray, group: np.ndarray, n_groups: int, fill: float
 # -- per-epoch analysis -------------------------------------------------------------------------------
 @dataclass
 class EpochMatch:
-    """Matching of one epoch's detections against its ground truth at IoU 0.5 (COCO greedy, by score)."""
+    """Matching of one epoch's detections against its ground truth (greedy by score, class-aware): at
+    IoU 0.5 in 2D, at 2 m BEV centre distance in 3D."""
 
     det_gt: np.ndarray  # matched GT index per detection, -1 for a false positive
-    det_iou: np.ndarray
     gt_det: np.ndarray  # matching detection per GT, -1 for a miss
-
-    @classmethod
-    def of(cls, images: Images) -> "EpochMatch":
-        matched = match_detections(images.dets, images.gts, MATCH_IOU)
-        return cls(matched.det_gt, matched.det_iou, matched.gt_det)
 
 
 def f1_optimal_score(images: Images, match: EpochMatch) -> float:
-    """The score threshold with the best F1 at IoU 0.5 (greedy matching is prefix-stable in score, so
+    """The score threshold with the best F1 of the matching (greedy matching is prefix-stable in score, so
     the matches of the detections above any threshold are those of the full matching)."""
     n_gt = len(images.gts.label)
     if not len(images.dets.score) or not n_gt:
@@ -173,7 +180,7 @@ def f1_optimal_score(images: Images, match: EpochMatch) -> float:
     return float(scores[best])
 
 
-def detection_signals(images: Images) -> pd.DataFrame:
+def detection_signals(images: Images, geometry: "Geometry2D") -> pd.DataFrame:
     """Label-free signals of every detection (the inputs of its error_proba)."""
     dets = images.dets
     n = len(dets.score)
@@ -182,48 +189,43 @@ def detection_signals(images: Images) -> pd.DataFrame:
     counts = np.bincount(dets.image, minlength=images.n_images)
     starts = np.cumsum(counts) - counts
     rank[order] = np.arange(n) - np.repeat(starts, counts)
-    width = np.clip(dets.box[:, 2] - dets.box[:, 0], 1e-6, None)
-    height = np.clip(dets.box[:, 3] - dets.box[:, 1], 1e-6, None)
     # overlap with a higher-scoring detection of the same class (duplicates NMS let through)
     key = dets.image * (int(dets.label.max(initial=0)) + 1) + dets.label
     i, j = group_pairs(key, key)
     higher = dets.score[j] > dets.score[i]
     overlap = np.zeros(n)
     if higher.any():
-        np.maximum.at(overlap, i[higher], pair_iou(dets.box[i[higher]], dets.box[j[higher]]))
+        np.maximum.at(overlap, i[higher], geometry.overlap(dets.box[i[higher]], dets.box[j[higher]]))
     return pd.DataFrame({
-        "score": dets.score, "msp": dets.score, "score_rank": rank, "log_area": np.log(width * height),
-        "log_aspect": np.log(width / height), "label": dets.label, "same_class_overlap": overlap,
+        "score": dets.score, "msp": dets.score, "score_rank": rank, **geometry.shape_signals(dets.box),
+        "label": dets.label, "same_class_overlap": overlap,
         "image_detections": counts[dets.image], "image_max_score": _group_max(dets.score, dets.image,
                                                                               images.n_images)[dets.image],
     })
 
 
-def gt_signals(images: Images) -> pd.DataFrame:
+def gt_signals(images: Images, geometry: "Geometry2D") -> pd.DataFrame:
     """Signals of every ground-truth object: its geometry and the strongest detection on it (any class)."""
     gts, dets = images.gts, images.dets
-    width = np.clip(gts.box[:, 2] - gts.box[:, 0], 1e-6, None)
-    height = np.clip(gts.box[:, 3] - gts.box[:, 1], 1e-6, None)
     i, j = group_pairs(gts.image, dets.image)
-    overlapping = pair_iou(gts.box[i], dets.box[j]) >= MATCH_IOU
+    overlapping = geometry.same_place(gts.box[i], dets.box[j])
     best = np.zeros(len(gts.label))
     if overlapping.any():
         np.maximum.at(best, i[overlapping], dets.score[j[overlapping]])
     return pd.DataFrame({
-        "log_area": np.log(width * height), "log_aspect": np.log(width / height), "label": gts.label,
-        "best_overlap_score": best, "msp": best,
+        **geometry.shape_signals(gts.box), "label": gts.label, "best_overlap_score": best, "msp": best,
         "image_objects": np.bincount(gts.image, minlength=images.n_images)[gts.image],
     })
 
 
-def duplicate_gt(images: Images, iou: float = 0.9) -> np.ndarray:
-    """Ground-truth boxes that repeat an earlier box of the same class in the same image (IoU >= iou)."""
+def duplicate_gt(images: Images, geometry: "Geometry2D") -> np.ndarray:
+    """Ground-truth boxes that repeat an earlier box of the same class in the same image."""
     gts = images.gts
     key = gts.image * (int(gts.label.max(initial=0)) + 1) + gts.label
     i, j = group_pairs(key, key)
     earlier = j < i
     flagged = np.zeros(len(gts.label), dtype=bool)
-    hit = earlier & (pair_iou(gts.box[i], gts.box[j]) >= iou) if earlier.any() else earlier
+    hit = earlier & geometry.duplicate(gts.box[i], gts.box[j]) if earlier.any() else earlier
     flagged[i[hit]] = True
     return flagged
 
@@ -233,7 +235,7 @@ class Outcomes:
     """What happened to every object and reported detection of one epoch at the operating score."""
 
     op_index: np.ndarray  # indices of the detections at or above the operating score
-    det_error: np.ndarray  # TIDE type of each of them: TP, Cls, Loc, Both, Dupe, Bkg
+    det_error: np.ndarray  # error type of each of them: TP, Cls, Loc, Both (2D), Dupe, Bkg
     det_target: np.ndarray  # the object a detection's error refers to (-1: none)
     folded: np.ndarray  # the detection explains a missed object and is counted in that object's unit
     found: np.ndarray  # per object: matched by a reported detection
@@ -241,15 +243,10 @@ class Outcomes:
     chosen: np.ndarray  # per object: the matched or explaining detection (-1: none)
 
 
-def outcomes_at(images: Images, match: EpochMatch, score_op: float) -> Outcomes:
+def outcomes_at(images: Images, match: EpochMatch, score_op: float, geometry: "Geometry2D") -> Outcomes:
     dets = images.dets
     op_index = np.flatnonzero(dets.score >= score_op)
-    per_image = np.bincount(dets.image[op_index], minlength=1)
-    # every reported detection is a unit: no cap per image (TIDE's default keeps 100)
-    tide = tide_errors(_subset(dets, dets.score >= score_op), images.gts, images.n_images, pos_threshold=MATCH_IOU,
-                       max_dets=max(int(per_image.max()), 1))
-    det_error = np.asarray(tide.det_error, dtype=object)
-    target = np.asarray(tide.det_target_gt, dtype=np.int64)
+    det_error, target = geometry.error_types(images, match, op_index)
     found = _found_at(match, images, score_op)
     # a missed object explained by a class / localisation error on it: the strongest such detection
     explains = np.isin(det_error, ["Cls", "Loc", "Both"]) & (target >= 0)
@@ -283,6 +280,76 @@ class Reference:
     tau_stable: float
 
 
+class Geometry2D:
+    """What is specific to 2D boxes: IoU matching at 0.5 (COCO greedy), TIDE's error types, COCO AP,
+    slices by COCO size. The 3D evaluation (``detection3d.py``) provides the same methods for BEV centre
+    distances, nuScenes metrics and distance bands."""
+
+    task = "object_detection"
+    box_width = 4
+    metric_columns = METRIC_COLUMNS
+    quality_name = "iou"  # per-unit column: IoU of an object with its matched / explaining detection
+    slice_name = "size"
+    codes_prefix = "OD"
+
+    def match(self, images: Images) -> EpochMatch:
+        matched = match_detections(images.dets, images.gts, MATCH_IOU)
+        return EpochMatch(matched.det_gt, matched.gt_det)
+
+    def error_types(self, images: Images, match: EpochMatch, reported: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """TIDE's type and target object of every reported detection (indices ``reported``; no cap per
+        image: each is a unit)."""
+        reported = _subset(images.dets, reported)
+        per_image = np.bincount(reported.image, minlength=1)
+        tide = tide_errors(reported, images.gts, images.n_images, pos_threshold=MATCH_IOU,
+                           max_dets=max(int(per_image.max()), 1))
+        return np.asarray(tide.det_error, dtype=object), np.asarray(tide.det_target_gt, dtype=np.int64)
+
+    def overlap(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return pair_iou(a, b)
+
+    def quality(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return pair_iou(a, b)
+
+    def same_place(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return pair_iou(a, b) >= MATCH_IOU
+
+    def duplicate(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return pair_iou(a, b) >= DUPLICATE_GT_IOU
+
+    def shape_signals(self, box: np.ndarray) -> dict[str, np.ndarray]:
+        width = np.clip(box[:, 2] - box[:, 0], 1e-6, None)
+        height = np.clip(box[:, 3] - box[:, 1], 1e-6, None)
+        return {"log_area": np.log(width * height), "log_aspect": np.log(width / height)}
+
+    def slices(self, box: np.ndarray) -> np.ndarray:
+        return size_names(box)
+
+    def box_columns(self, box: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: box[:, k] for k, name in enumerate(("x1", "y1", "x2", "y2"))}
+
+    def tp_issues(self, images: Images, out: "Outcomes") -> np.ndarray:
+        """Per object: what is fragile about a found object ("" = nothing): a barely matched box."""
+        on = np.maximum(out.chosen, 0)
+        iou = pair_iou(images.gts.box, images.dets.box[on]) if len(on) else np.zeros(0)
+        return np.where(out.found & (iou < WEAK_LOC_IOU), "WEAK_LOC", "").astype(object)
+
+    def summary(self, images: Images) -> tuple[dict, pd.DataFrame, dict[str, pd.DataFrame]]:
+        """Metrics of the whole dataset: COCO AP (pycocotools' numbers), per class, and TIDE's table."""
+        coco = coco_evaluate(images.dets, images.gts, images.n_images)
+        stats = coco.stats
+        tide = tide_errors(images.dets, images.gts, images.n_images, pos_threshold=MATCH_IOU)
+        counts, dap = tide.counts(), {**tide.dap(), **tide.special_dap()}
+        errors = pd.DataFrame({"error_type": list(dap), "count": [counts.get(t, np.nan) for t in dap],
+                               "dap": list(dap.values())})
+        metrics = {"n_images": images.n_images, "map": stats[0], "ap50": stats[1], "ap75": stats[2],
+                   "ap_small": stats[3], "ap_medium": stats[4], "ap_large": stats[5], "ar100": stats[8]}
+        return metrics, coco.per_class(), {"tide": errors}
+
+    def assign(self, samples: pd.DataFrame, tau_op: float, tau_stable: float) -> pd.DataFrame:
+        return assign_detection(samples, tau_op, tau_stable, prefix=self.codes_prefix)
+
+
 @dataclass
 class DetectionEvaluation:
     samples: pd.DataFrame
@@ -290,40 +357,41 @@ class DetectionEvaluation:
     categories: pd.DataFrame
     history: pd.DataFrame
     per_class: pd.DataFrame
-    tide: pd.DataFrame
     images: pd.DataFrame
     thresholds: list[dict]
     notes: list[str]
+    tide: pd.DataFrame | None = None  # 2D only
 
 
 def evaluate_detection(read: ReadTraces, meta: dict, epochs: dict[str, list[int]],
                        committed: dict[str, list[int]], risk: float = 0.05,
-                       progress: Callable[[str, int, int], None] | None = None) -> DetectionEvaluation:
+                       progress: Callable[[str, int, int], None] | None = None,
+                       geometry: Geometry2D | None = None) -> DetectionEvaluation:
     """``epochs``: evaluated epochs per dataset_type; ``committed``: every readable epoch per dataset_type."""
     if not 0.0 < risk < 1.0:
         raise ValueError(f"risk must be in (0, 1), got {risk!r}")
-    run = _Run(read, committed, risk)
-    parts: dict[str, list] = {k: [] for k in ("samples", "metrics", "per_class", "tide", "images", "history")}
+    run = _Run(read, committed, risk, geometry or Geometry2D())
+    parts: dict[str, list] = collections.defaultdict(list)
     thresholds = []
     jobs = [(d, e) for d, es in epochs.items() for e in es]
     for done, (dataset_type, epoch) in enumerate(jobs):
         if progress:
             progress(f"{dataset_type} epoch {epoch}", done, len(jobs))
-        out = run.evaluate(dataset_type, epoch)
-        for key in parts:
-            parts[key].append(out[key])
-        thresholds.append({"dataset": dataset_type, "n_epoch": epoch, "reference": out["reference"].name,
-                           "score_op": out["reference"].score_op, "tau_op": out["reference"].tau_op,
-                           "tau_stable": out["reference"].tau_stable, "risk": risk})
+        out, reference = run.evaluate(dataset_type, epoch)
+        for key, table in out.items():
+            parts[key].append(table)
+        thresholds.append({"dataset": dataset_type, "n_epoch": epoch, "reference": reference.name,
+                           "score_op": reference.score_op, "tau_op": reference.tau_op,
+                           "tau_stable": reference.tau_stable, "risk": risk})
     tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
     return DetectionEvaluation(tables["samples"], tables["metrics"], category_summary(tables["samples"]),
-                               tables["history"], tables["per_class"], tables["tide"], tables["images"],
-                               thresholds, run.notes)
+                               tables["history"], tables["per_class"], tables["images"], thresholds, run.notes,
+                               tide=tables.get("tide"))
 
 
 class _Run:
-    def __init__(self, read: ReadTraces, committed: dict[str, list[int]], risk: float):
-        self.read, self.committed, self.risk = read, committed, risk
+    def __init__(self, read: ReadTraces, committed: dict[str, list[int]], risk: float, geometry: Geometry2D):
+        self.read, self.committed, self.risk, self.geometry = read, committed, risk, geometry
         self.notes: list[str] = []
         self._images: dict[tuple[str, int], Images] = {}
         self._matches: dict[tuple[str, int], EpochMatch] = {}
@@ -337,11 +405,11 @@ class _Run:
     def images(self, dataset_type: str, epoch: int) -> Images:
         key = (dataset_type, epoch)
         if key not in self._images:
-            images, duplicates = load_images(self.read(dataset_type, epoch, False))
+            images, duplicates = load_images(self.read(dataset_type, epoch, False), self.geometry.box_width)
             if duplicates:
-                self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate image id(s) across ranks removed")
+                self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate input id(s) across ranks removed")
             self._images[key] = images
-            self._matches[key] = EpochMatch.of(images)
+            self._matches[key] = self.geometry.match(images)
         return self._images[key]
 
     def match(self, dataset_type: str, epoch: int) -> EpochMatch:
@@ -356,11 +424,11 @@ class _Run:
             return self._references[key]
         images, match = self.images(*key), self.match(*key)
         score_op = f1_optimal_score(images, match)
-        det_estimator = ErrorProbaEstimator(inputs=DETECTION_SIGNALS)
-        det_scores = det_estimator.fit_predict(detection_signals(images), match.det_gt < 0)
+        det_estimator = ErrorProbaEstimator(inputs=self.detection_inputs)
+        det_scores = det_estimator.fit_predict(detection_signals(images, self.geometry), match.det_gt < 0)
         gt_missed = ~_found_at(match, images, score_op)
-        gt_estimator = ErrorProbaEstimator(inputs=GT_SIGNALS)
-        gt_scores = gt_estimator.fit_predict(gt_signals(images), gt_missed)
+        gt_estimator = ErrorProbaEstimator(inputs=self.object_inputs)
+        gt_scores = gt_estimator.fit_predict(gt_signals(images, self.geometry), gt_missed)
         for estimator, what in ((det_estimator, "detections"), (gt_estimator, "objects")):
             if estimator.note:
                 self.note(f"{key[0]}@{key[1]} ({what}): {estimator.note}")
@@ -370,11 +438,21 @@ class _Run:
         self._references[key] = reference
         return reference
 
+    @property
+    def detection_inputs(self) -> list[str]:
+        shape = list(self.geometry.shape_signals(np.zeros((0, self.geometry.box_width))))
+        return ["score", "score_rank", *shape, "label", "same_class_overlap", "image_detections", "image_max_score"]
+
+    @property
+    def object_inputs(self) -> list[str]:
+        shape = list(self.geometry.shape_signals(np.zeros((0, self.geometry.box_width))))
+        return [*shape, "label", "best_overlap_score", "image_objects"]
+
     def outcomes(self, dataset_type: str, epoch: int, score_op: float) -> Outcomes:
         key = (dataset_type, epoch, score_op)
         if key not in self._outcomes:
             self._outcomes[key] = outcomes_at(self.images(dataset_type, epoch), self.match(dataset_type, epoch),
-                                              score_op)
+                                              score_op, self.geometry)
         return self._outcomes[key]
 
     def history(self, dataset_type: str, upto: int, score_op: float) -> tuple[pd.DataFrame, dict]:
@@ -390,63 +468,52 @@ class _Run:
                 "label": images.gts.label, "correct": out.found, "outcome": out.gt_type,
                 "pred": np.where(out.chosen >= 0, images.dets.label[on_object], -1),
                 "p_label": np.where(out.found, images.dets.score[on_object], 0.0), "logit_margin": np.nan}))
-            background[epoch] = _background(images, out)
+            index = out.op_index[out.det_error == "Bkg"]
+            background[epoch] = (images.input_id[images.dets.image[index]], images.dets.label[index],
+                                 images.dets.box[index])
         return pd.concat(rows, ignore_index=True), background
 
     # -- one dataset and epoch ----------------------------------------------------------------
-    def evaluate(self, dataset_type: str, epoch: int) -> dict:
+    def evaluate(self, dataset_type: str, epoch: int) -> tuple[dict[str, pd.DataFrame], Reference]:
         images, match = self.images(dataset_type, epoch), self.match(dataset_type, epoch)
         ref_key = self.reference_key(dataset_type, epoch)
         reference = self.reference(ref_key)
-        is_reference = ref_key == (dataset_type, epoch)
         op = reference.score_op
-        if is_reference:
+        if ref_key == (dataset_type, epoch):
             det_proba, gt_proba = reference.det_scores, reference.gt_scores
         else:
-            det_proba = reference.det_estimator.predict(detection_signals(images))
-            gt_proba = reference.gt_estimator.predict(gt_signals(images))
-
+            det_proba = reference.det_estimator.predict(detection_signals(images, self.geometry))
+            gt_proba = reference.gt_estimator.predict(gt_signals(images, self.geometry))
         out = self.outcomes(dataset_type, epoch, op)
-        tide_all = tide_errors(images.dets, images.gts, images.n_images, pos_threshold=MATCH_IOU)
-        coco = coco_evaluate(images.dets, images.gts, images.n_images)
-
         history, background = self.history(dataset_type, epoch, op)
         dynamics = training_dynamics(history)
         if dynamics["variability"].isna().all():
             self.note(f"{dataset_type} epoch {epoch}: fewer than two saved epochs, so no training dynamics")
-        samples = _units(images, out, det_proba, gt_proba, dynamics, history, background, epoch)
-        samples = assign_detection(samples, reference.tau_op, reference.tau_stable)
+        samples = _units(images, out, det_proba, gt_proba, dynamics, history, background, epoch, self.geometry)
+        samples = self.geometry.assign(samples, reference.tau_op, reference.tau_stable)
         samples.insert(0, "n_epoch", epoch)
         samples.insert(0, "dataset_type", dataset_type)
 
         accepted = images.dets.score >= op
-        found = out.found
         n_acc = int(accepted.sum())
         fp_all = match.det_gt < 0
         ep_auroc, ep_auprc = _binary_scores(fp_all, det_proba)
         base_auroc, base_auprc = _binary_scores(fp_all, 1.0 - images.dets.score)
-        stats = coco.stats
+        dataset_metrics, per_class, extra = self.geometry.summary(images)
         metrics = {
-            "dataset": dataset_type, "n_epoch": epoch, "counts": len(samples), "n_images": images.n_images,
+            "dataset": dataset_type, "n_epoch": epoch, "counts": len(samples), **dataset_metrics,
             "n_gt": len(images.gts.label), "n_pred": len(images.dets.score),
-            "map": stats[0], "ap50": stats[1], "ap75": stats[2], "ap_small": stats[3], "ap_medium": stats[4],
-            "ap_large": stats[5], "ar100": stats[8],
             "precision": float((match.det_gt[accepted] >= 0).sum() / n_acc) if n_acc else float("nan"),
-            "recall": float(found.mean()) if len(found) else float("nan"), "score_op": op,
+            "recall": float(out.found.mean()) if len(out.found) else float("nan"), "score_op": op,
             "error_proba_auroc": ep_auroc, "error_proba_auprc": ep_auprc,
             "baseline_error_proba_auroc": base_auroc, "baseline_error_proba_auprc": base_auprc,
         }
-        per_class = coco.per_class()
-        per_class.insert(0, "n_epoch", epoch)
-        per_class.insert(0, "dataset", dataset_type)
-        counts, dap = tide_all.counts(), {**tide_all.dap(), **tide_all.special_dap()}
-        tide = pd.DataFrame({"dataset": dataset_type, "n_epoch": epoch, "error_type": list(dap),
-                             "count": [counts.get(t, np.nan) for t in dap], "dap": list(dap.values())})
-        image_view = _image_view(samples, images, accepted)
-        image_view.insert(0, "n_epoch", epoch)
-        image_view.insert(0, "dataset_type", dataset_type)
-        return {"samples": samples, "metrics": pd.DataFrame([metrics]), "per_class": per_class, "tide": tide,
-                "images": image_view, "history": history, "reference": reference}
+        tables = {"samples": samples, "metrics": pd.DataFrame([metrics]), "per_class": per_class,
+                  "images": _image_view(samples, images, accepted), "history": history, **extra}
+        for name in ("per_class", "images", *extra):
+            tables[name].insert(0, "n_epoch", epoch)
+            tables[name].insert(0, "dataset" if name != "images" else "dataset_type", dataset_type)
+        return tables, reference
 
 
 def _subset(boxes: Boxes, mask: np.ndarray) -> Boxes:
@@ -464,50 +531,39 @@ def _object_ids(images: Images) -> np.ndarray:
             pd.Series(images.gt_position).astype(str)).to_numpy(dtype=object)
 
 
-def _background(images: Images, out: Outcomes) -> pd.DataFrame:
-    """The background false positives (TIDE's Bkg: IoU < 0.1 with every object) at the operating score."""
-    index = out.op_index[out.det_error == "Bkg"]
-    box = images.dets.box[index]
-    return pd.DataFrame({"image_id": images.input_id[images.dets.image[index]], "label": images.dets.label[index],
-                         "x1": box[:, 0], "y1": box[:, 1], "x2": box[:, 2], "y2": box[:, 3]})
-
-
-def _repeated_background(current: pd.DataFrame, background: dict, epoch: int) -> np.ndarray:
-    """For each background detection of ``current``: in how many other saved epochs a background
-    detection of the same class covers the same place (IoU >= 0.5)."""
-    repeats = np.zeros(len(current), dtype=np.int64)
-    for other_epoch, other in background.items():
-        if other_epoch == epoch or not len(other) or not len(current):
+def _repeated_background(image_id: np.ndarray, label: np.ndarray, box: np.ndarray, background: dict, epoch: int,
+                         geometry: Geometry2D) -> np.ndarray:
+    """For each background detection: in how many other saved epochs a background detection of the same
+    class covers the same place."""
+    repeats = np.zeros(len(label), dtype=np.int64)
+    for other_epoch, (other_id, other_label, other_box) in background.items():
+        if other_epoch == epoch or not len(other_label) or not len(label):
             continue
-        keys = pd.factorize(pd.concat([current["image_id"].astype(str) + "|" + current["label"].astype(str),
-                                       other["image_id"].astype(str) + "|" + other["label"].astype(str)]))[0]
-        i, j = group_pairs(keys[:len(current)], keys[len(current):])
+        keys = pd.factorize(np.concatenate([pd.Series(image_id).astype(str) + "|" + pd.Series(label).astype(str),
+                                            pd.Series(other_id).astype(str) + "|" + pd.Series(other_label).astype(str)]))[0]
+        i, j = group_pairs(keys[:len(label)], keys[len(label):])
         if not len(i):
             continue
-        a = current[["x1", "y1", "x2", "y2"]].to_numpy()[i]
-        b = other[["x1", "y1", "x2", "y2"]].to_numpy()[j]
-        same_place = np.zeros(len(current), dtype=bool)
-        same_place[i[pair_iou(a, b) >= MATCH_IOU]] = True
+        same_place = np.zeros(len(label), dtype=bool)
+        same_place[i[geometry.same_place(box[i], other_box[j])]] = True
         repeats += same_place
     return repeats
 
 
 def _units(images: Images, out: Outcomes, det_proba: np.ndarray, gt_proba: np.ndarray, dynamics: pd.DataFrame,
-           history: pd.DataFrame, background: dict, epoch: int) -> pd.DataFrame:
+           history: pd.DataFrame, background: dict, epoch: int, geometry: Geometry2D) -> pd.DataFrame:
     """The per-unit table: one row per GT object, one per unexplained false positive at the operating point."""
     gts, dets = images.gts, images.dets
     on_object = np.maximum(out.chosen, 0)
-    pred = np.where(out.chosen >= 0, dets.label[on_object], -1)
-    score = np.where(out.chosen >= 0, dets.score[on_object], np.nan)
-    iou = np.where(out.chosen >= 0, pair_iou(gts.box, dets.box[on_object]), np.nan)
     found, gt_type = out.found, out.gt_type
-    object_ids = _object_ids(images)
     gt_units = pd.DataFrame({
-        "input_id": images.input_id[gts.image], "unit": "gt", "object_id": object_ids,
-        "label": gts.label, "pred": pred, "score": score, "iou": iou,
-        "x1": gts.box[:, 0], "y1": gts.box[:, 1], "x2": gts.box[:, 2], "y2": gts.box[:, 3],
-        "size": size_names(gts.box), "correct": found, "tide_type": gt_type, "error_proba": gt_proba,
-        "duplicate_gt": duplicate_gt(images),
+        "input_id": images.input_id[gts.image], "unit": "gt", "object_id": _object_ids(images),
+        "label": gts.label, "pred": np.where(out.chosen >= 0, dets.label[on_object], -1),
+        "score": np.where(out.chosen >= 0, dets.score[on_object], np.nan),
+        geometry.quality_name: np.where(out.chosen >= 0, geometry.quality(gts.box, dets.box[on_object]), np.nan),
+        **geometry.box_columns(gts.box), geometry.slice_name: geometry.slices(gts.box),
+        "correct": found, "error_type": gt_type, "tp_issue": geometry.tp_issues(images, out),
+        "error_proba": gt_proba, "duplicate_gt": duplicate_gt(images, geometry),
     })
     gt_units = gt_units.join(dynamics, on="object_id")
     # in how many other saved epochs this object had the same class error (a suspicious label)
@@ -517,32 +573,30 @@ def _units(images: Images, out: Outcomes, det_proba: np.ndarray, gt_proba: np.nd
     gt_units["repeated_errors"] = np.where(gt_type == "Cls", same_error.reindex(keys).fillna(0).to_numpy(), 0)
 
     # unexplained false positives at the operating point
-    fp = (out.det_error != "TP") & ~out.folded
-    fp_index = out.op_index[fp]
-    det_error, target = out.det_error, out.det_target
+    fp = (out.det_error != "TP") & (out.det_error != "") & ~out.folded
+    fp_index, target = out.op_index[fp], out.det_target[fp]
     det_box = dets.box[fp_index]
+    image_id = images.input_id[dets.image[fp_index]]
+    has_target = (target >= 0) & (len(gts.label) > 0)
     fp_units = pd.DataFrame({
-        "input_id": images.input_id[dets.image[fp_index]], "unit": "pred",
-        "object_id": pd.Series(images.input_id[dets.image[fp_index]]).astype(str).to_numpy(dtype=object) + "#p"
+        "input_id": image_id, "unit": "pred",
+        "object_id": pd.Series(image_id).astype(str).to_numpy(dtype=object) + "#p"
         + pd.Series(fp_index).astype(str).to_numpy(dtype=object),
         "label": dets.label[fp_index], "pred": dets.label[fp_index], "score": dets.score[fp_index],
-        "iou": np.where(target[fp] >= 0, pair_iou(det_box, gts.box[np.maximum(target[fp], 0)]) if len(gts.label)
-                        else 0.0, 0.0),
-        "x1": det_box[:, 0], "y1": det_box[:, 1], "x2": det_box[:, 2], "y2": det_box[:, 3],
-        "size": size_names(det_box), "correct": False, "tide_type": det_error[fp],
+        geometry.quality_name: np.where(has_target, geometry.quality(det_box, gts.box[np.maximum(target, 0)])
+                                        if len(gts.label) else 0.0, np.nan),
+        **geometry.box_columns(det_box), geometry.slice_name: geometry.slices(det_box),
+        "correct": False, "error_type": out.det_error[fp], "tp_issue": "",
         "error_proba": det_proba[fp_index], "duplicate_gt": False,
     })
-    bkg = fp_units["tide_type"].to_numpy() == "Bkg"
+    bkg = fp_units["error_type"].to_numpy() == "Bkg"
     repeats = np.zeros(len(fp_units), dtype=np.int64)
     if bkg.any():
-        current = pd.DataFrame({"image_id": fp_units["input_id"][bkg], "label": fp_units["label"][bkg],
-                                "x1": det_box[bkg, 0], "y1": det_box[bkg, 1], "x2": det_box[bkg, 2],
-                                "y2": det_box[bkg, 3]})
-        repeats[bkg] = _repeated_background(current, background, epoch)
+        repeats[bkg] = _repeated_background(image_id[bkg], dets.label[fp_index][bkg], det_box[bkg], background,
+                                            epoch, geometry)
     fp_units["repeated_errors"] = repeats
-    # class errors that recur on the same object in earlier epochs (history of found/missed is per object)
     units = pd.concat([gt_units, fp_units], ignore_index=True)
-    units["slice"] = units["label"].astype(str) + ":" + units["size"]
+    units["slice"] = units["label"].astype(str) + ":" + units[geometry.slice_name]
     wrong = ~units["correct"].to_numpy(dtype=bool)
     units["slice_error_rate"], units["in_hotspot_slice"] = hotspot_regions(units["slice"].to_numpy(), wrong)
     units["severity"] = np.where(units["correct"], units["error_proba"],

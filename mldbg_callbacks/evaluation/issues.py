@@ -198,12 +198,14 @@ DETECTION_CODES = {c.code: c for c in [
 ]}
 
 
-def assign_detection(samples: pd.DataFrame, tau_op: float, tau_stable: float) -> pd.DataFrame:
+def assign_detection(samples: pd.DataFrame, tau_op: float, tau_stable: float, prefix: str = "OD") -> pd.DataFrame:
     """Add ``category`` and ``error_code`` to the per-unit table of one detection dataset and epoch.
 
     Units: ground-truth objects (``unit == "gt"``) and unexplained false positives (``"pred"``) at the
-    operating score. Columns used: correct, tide_type, duplicate_gt, repeated_errors, error_proba, iou,
-    in_hotspot_slice and the dynamics (forgetting_events, variability, recent_variability).
+    operating score. Columns used: correct, error_type (TP, Miss, Cls, Loc, Both, Dupe, Bkg), tp_issue (what
+    is fragile about a found object: 2D ``WEAK_LOC``; 3D ``FLIP``, ``ORIENTATION``, ``SCALE``,
+    ``VELOCITY``), duplicate_gt, repeated_errors, error_proba, in_hotspot_slice and the dynamics
+    (forgetting_events, variability, recent_variability). ``prefix``: ``OD`` (2D) or ``OD3D``.
     """
     def col(name: str, default: float = np.nan) -> np.ndarray:
         return samples[name].to_numpy(dtype=float) if name in samples else np.full(len(samples), default)
@@ -211,7 +213,8 @@ def assign_detection(samples: pd.DataFrame, tau_op: float, tau_stable: float) ->
     gt = samples["unit"].to_numpy() == "gt"
     correct = samples["correct"].to_numpy(dtype=bool)
     wrong = ~correct
-    kind = samples["tide_type"].to_numpy(dtype=object)
+    kind = samples["error_type"].to_numpy(dtype=object)
+    issue = samples["tp_issue"].to_numpy(dtype=object) if "tp_issue" in samples else np.full(len(samples), "")
     repeated = col("repeated_errors", 0.0) >= 1
     duplicate = gt & samples["duplicate_gt"].to_numpy(dtype=bool)
     label_noise = gt & wrong & (kind == "Cls") & repeated & ~duplicate
@@ -225,9 +228,9 @@ def assign_detection(samples: pd.DataFrame, tau_op: float, tau_stable: float) ->
     hot_slice = samples.get("in_hotspot_slice", pd.Series(False, index=samples.index)).to_numpy(dtype=bool)
     ok = correct & ~aleatoric
     unstable = ok & ((forgetting >= 1) | (variability >= UNSTABLE_VARIABILITY))
-    weak_loc = ok & (col("iou") < WEAK_LOC_IOU)
+    fragile_match = ok & (issue != "")
     low_score = ok & ~(error_proba < tau_op)
-    recessive = unstable | weak_loc | (ok & hot_slice) | low_score
+    recessive = unstable | fragile_match | (ok & hot_slice) | low_score
     has_dynamics = ~np.isnan(variability)
     stable = (ok & ~recessive & (error_proba < tau_stable) & ~hot_slice
               & (~has_dynamics | ((forgetting == 0) & (col("variability") < STABLE_VARIABILITY))))
@@ -238,11 +241,53 @@ def assign_detection(samples: pd.DataFrame, tau_op: float, tau_stable: float) ->
         [duplicate, label_noise, missing_label,
          critical & (kind == "Cls"), critical & (kind == "Loc"), critical & (kind == "Both"),
          critical & (kind == "Dupe"), critical, hotspot,
-         unstable, weak_loc, recessive & hot_slice, recessive, operational, stable],
-        ["OD_DUPLICATE_GT", "OD_LABEL_NOISE", "OD_MISSING_LABEL",
-         "OD_CLS", "OD_LOC", "OD_BOTH", "OD_DUPE", "OD_BKG", "OD_MISS",
-         "OD_UNSTABLE", "OD_WEAK_LOC", "OD_IN_HOTSPOT_SLICE", "OD_LOW_SCORE", "OD_OK", "OD_STABLE"], default="")
+         unstable, fragile_match, recessive & hot_slice, recessive, operational, stable],
+        ["DUPLICATE_GT", "LABEL_NOISE", "MISSING_LABEL", "CLS", "LOC", "BOTH", "DUPE", "BKG", "MISS",
+         "UNSTABLE", "", "IN_HOTSPOT_SLICE", "LOW_SCORE", "OK", "STABLE"], default="").astype(object)
+    error_code = np.where(fragile_match & ~unstable, issue, error_code)
     out = samples.copy()
     out["category"] = category
-    out["error_code"] = error_code
+    out["error_code"] = prefix + "_" + pd.Series(error_code, index=samples.index).astype(str)
     return out
+
+
+# -- 3D detection: nuScenes matching at 2 m (codes of ANALYSIS.md plus the annotation / stability ones) ----
+DETECTION3D_CODES = {c.code: c for c in [
+    ErrorCode("OD3D_DUPLICATE_GT", "The ground truth repeats a box of the same class within 0.25 m in the same frame.",
+              "Deduplicate the annotations; a duplicate counts as a miss no model can avoid."),
+    ErrorCode("OD3D_LABEL_NOISE",
+              "The object is detected with the same other class, confidently, in several epochs: its label is "
+              "likely wrong.", "Review the object's class and the guideline for the confused pair."),
+    ErrorCode("OD3D_MISSING_LABEL",
+              "A confident detection with no object within 2 m, repeated at the same place across epochs: "
+              "probably an unannotated object.", "Check these frames for unlabelled objects and add the boxes."),
+    ErrorCode("OD3D_CLS", "An object of another class within 2 m of a confident detection.",
+              "More examples of the confused classes; check class definitions (e.g. truck vs. bus)."),
+    ErrorCode("OD3D_LOC", "The right class but matched only at 4 m: the centre is 2-4 m off.",
+              "Improve centre regression at this range: voxel size, BEV resolution, depth estimation (camera)."),
+    ErrorCode("OD3D_BOTH", "Wrong class and poorly localised.", "Check crowded scenes; add such examples."),
+    ErrorCode("OD3D_DUPE", "A second detection of an object already detected within 2 m.",
+              "Tune NMS (or the query de-duplication of DETR-style heads)."),
+    ErrorCode("OD3D_BKG", "A confident detection with no object within 2 m.",
+              "Add hard negatives like these; check whether they are unlabelled objects."),
+    ErrorCode("OD3D_MISS", "An object no reported detection finds within 2 m and no other error explains.",
+              "More examples of such objects (class, range, occlusion); check point density at that range."),
+    ErrorCode("OD3D_UNSTABLE", "Found now, but found and lost again across epochs (or its score varies strongly).",
+              "Latent miss: average checkpoints (EMA) or lower the learning rate; watch these objects."),
+    ErrorCode("OD3D_FLIP", f"Found, but its heading is reversed (yaw error > {150}°).",
+              "Check heading encoding (sin/cos vs. direction classifier) and front/back labels."),
+    ErrorCode("OD3D_ORIENTATION", f"Found, but its yaw is more than {30}° off.",
+              "Improve orientation regression; check yaw conventions of the labels."),
+    ErrorCode("OD3D_SCALE", "Found, but its size is wrong (1 - aligned IoU of the sizes > 0.3).",
+              "Check anchor sizes / size priors per class and the annotations' size convention."),
+    ErrorCode("OD3D_VELOCITY", "Found, but its velocity is more than 1 m/s off.",
+              "Check multi-sweep input and velocity labels; more temporal context."),
+    ErrorCode("OD3D_IN_HOTSPOT_SLICE",
+              "Found, but in a class x distance band whose error rate is significantly above the dataset's.",
+              "Latent error: strengthen that range and class in the data."),
+    ErrorCode("OD3D_LOW_SCORE", "Found, but with a high estimated miss probability (rejected at the operating risk).",
+              "Latent miss: more data like it."),
+    ErrorCode("OD3D_OK", "Found and accepted at the operating risk, not yet stable.", "No action needed."),
+    ErrorCode("OD3D_STABLE", "Found, far below the operating risk, outside hotspot slices, never lost.",
+              "Reliably handled."),
+]}

@@ -11,12 +11,15 @@ import pandas as pd
 
 from .classification import METRIC_COLUMNS as CLASSIFICATION_METRICS
 from .detection import METRIC_COLUMNS as DETECTION_METRICS
-from .issues import CATEGORY_SUMMARY_ORDER, CLASSIFICATION_CODES, DETECTION_CODES
+from .detection3d import METRIC_COLUMNS as DETECTION3D_METRICS
+from .issues import CATEGORY_SUMMARY_ORDER, CLASSIFICATION_CODES, DETECTION3D_CODES, DETECTION_CODES
 from .label_tracker import LabelTrackerFrame, label_tracker
 
 CATEGORY_COLUMNS = [f"{c}_ratio" for c in CATEGORY_SUMMARY_ORDER]
-METRICS = {"classification": CLASSIFICATION_METRICS, "object_detection": DETECTION_METRICS}
-CODES = {"classification": CLASSIFICATION_CODES, "object_detection": DETECTION_CODES}
+METRICS = {"classification": CLASSIFICATION_METRICS, "object_detection": DETECTION_METRICS,
+           "object_detection_3d": DETECTION3D_METRICS}
+CODES = {"classification": CLASSIFICATION_CODES, "object_detection": DETECTION_CODES,
+         "object_detection_3d": DETECTION3D_CODES}
 MAX_EXAMPLES = 10
 
 
@@ -84,7 +87,9 @@ class Result:
         """Classification: dataset, counts, accuracy, auroc, auprc, net_entropy_loss, net_entropy,
         error_proba_auroc, error_proba_auprc. Detection: dataset, counts (units), n_images, n_gt, n_pred,
         map (COCO AP@[.50:.95]), ap50, ap75, ap_small/medium/large, precision and recall at the operating
-        score ``score_op``, error_proba_auroc/auprc. Definitions in docs/analysis.md; ``n_epoch``
+        score ``score_op``, error_proba_auroc/auprc. 3D: dataset, counts, n_frames, n_gt, n_pred, map
+        (nuScenes, 0.5/1/2/4 m), nds, ate, ase, aoe, ave, precision, recall, score_op, error_proba_auroc/auprc.
+        Definitions in docs/analysis.md; ``n_epoch``
         follows ``dataset`` when several epochs of one dataset were evaluated (``n_epoch=None``)."""
         return self._tables["metrics"][[*self._keys(), *self._metric_columns]].reset_index(drop=True)
 
@@ -175,12 +180,13 @@ class Result:
         return self._detection_table("tide")
 
     def per_class(self) -> pd.DataFrame:
-        """Detection: COCO AP per class (ap, ap50, ap75, per size) with its number of objects."""
+        """Detection: per class, COCO AP (ap, ap50, ap75, per size) and its number of objects; 3D: nuScenes
+        AP per distance threshold, mean AP and the TP errors ate / ase / aoe / ave."""
         return self._detection_table("per_class")
 
     def images(self) -> pd.DataFrame:
-        """Detection: one row per image: objects, reported detections, found / missed / false positives,
-        its worst category and the error codes found in it (the per-image view)."""
+        """Detection: one row per image (3D: per frame): objects, reported detections, found / missed /
+        false positives, its worst category and the error codes found in it."""
         return self._detection_table("images")
 
     def _detection_table(self, name: str) -> pd.DataFrame:

@@ -21,7 +21,7 @@ What the codec receives (adapters in ``integrations/detectors`` produce it from 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,6 @@ from ..core.hashing import batch_ids
 from ..core.vectors import FeatureReducer, vector_table
 from ..errors import TraceInputError
 
-BOX_TYPE = pa.list_(pa.list_(pa.float32(), 4))
 GT_FORMATS = ("List[Dict]: [{'boxes': (N, 4) [x1, y1, x2, y2], 'labels': (N,)}, ...] one dict per image; or "
               "Dict[str, List]: {'boxes': [per-image (N, 4)], 'labels': [per-image (N,)]}")
 # Tolerance for boxes slightly beyond the image border (sub-pixel rounding, boxes of 0-based pixel
@@ -53,9 +52,16 @@ def ground_truth_lists(targets: Any, n_images: int | None = None) -> dict[str, l
             boxes, labels = [boxes], [labels]  # one image's (N, 4) given without the list around it
         if not (_is_sequence(boxes) and _is_sequence(labels)):
             raise TraceInputError(f"ground truth 'boxes' and 'labels' must be per-image lists; accepted formats: {GT_FORMATS}")
-        return {"boxes": list(boxes), "labels": list(labels)}
+        out = {"boxes": list(boxes), "labels": list(labels)}
+        if targets.get("velocities") is not None:  # 3D: (M, 2) per frame
+            out["velocities"] = list(targets["velocities"]) if len(out["boxes"]) > 1 or not hasattr(
+                targets["velocities"], "shape") or len(targets["velocities"].shape) != 2 else [targets["velocities"]]
+        return out
     if _is_sequence(targets) and all(isinstance(t, Mapping) and "boxes" in t and "labels" in t for t in targets):
-        return {"boxes": [t["boxes"] for t in targets], "labels": [t["labels"] for t in targets]}
+        out = {"boxes": [t["boxes"] for t in targets], "labels": [t["labels"] for t in targets]}
+        if any(t.get("velocities") is not None for t in targets):
+            out["velocities"] = [t.get("velocities") for t in targets]
+        return out
     found = type(targets).__name__
     if isinstance(targets, Mapping):
         found += f" with keys {sorted(map(str, targets))}"
@@ -134,10 +140,10 @@ class DetectionCodec:
     def encode(self, batch: PendingBatch) -> EncodedBatch:
         outputs, targets = batch.outputs, batch.targets
         size = len(outputs["boxes"])
-        pred_boxes, pred_counts = _stack_boxes(outputs["boxes"], "predicted boxes")
+        pred_boxes, pred_counts = self._stack_boxes(outputs["boxes"], "predicted boxes")
         pred_scores = _concat(outputs["scores"], np.float64)
         pred_labels = _concat(outputs["labels"], np.float64)
-        gt_boxes, gt_counts = _stack_boxes(targets["boxes"], "ground-truth boxes")
+        gt_boxes, gt_counts = self._stack_boxes(targets["boxes"], "ground-truth boxes", targets.get("velocities"))
         gt_labels = _concat(targets["labels"], np.float64)
         image_size = self._image_sizes(outputs.get("image_size"), size)
         ids = batch_ids(batch.input_ids, batch.inputs, size)
@@ -149,6 +155,7 @@ class DetectionCodec:
         bad_image = np.zeros(size, dtype=bool)
 
         def refuse(reason: str, per_box_bad: np.ndarray, owner: np.ndarray, message: str) -> None:
+            """Refuse every image owning a bad box (counted once, under the first reason that hits it)."""
             images = np.zeros(size, dtype=bool)
             images[owner[per_box_bad]] = True
             images &= ~bad_image
@@ -157,9 +164,10 @@ class DetectionCodec:
                 problems.append(RowProblem(reason, int(images.sum()), f"{message} (image {ids[first]!r})"))
                 bad_image[images] = True
 
-        refuse("non_finite_predictions", ~np.isfinite(pred_scores) | ~np.isfinite(pred_boxes).all(axis=1), pred_image,
-               "predicted boxes or scores contain NaN or Inf (diverged training or a bad batch); those images are "
-               "not traced")
+        geometry = slice(0, self.box_width)  # velocities (3D) may be missing: NaN is allowed there
+        refuse("non_finite_predictions", ~np.isfinite(pred_scores) | ~np.isfinite(pred_boxes[:, geometry]).all(axis=1),
+               pred_image, "predicted boxes or scores contain NaN or Inf (diverged training or a bad batch); those "
+               "images are not traced")
         # the uniform filter (score threshold, then the highest max_detections per image); only what is
         # stored is checked further, so a low-score junk box does not cost the image
         keep_pred = pred_scores >= self.score_thresh
@@ -168,22 +176,9 @@ class DetectionCodec:
         starts = np.cumsum(pred_counts) - pred_counts
         rank[order] = np.arange(len(order)) - np.repeat(starts, pred_counts)
         keep_pred &= rank < self.max_detections
-        refuse("non_finite_ground_truth", ~np.isfinite(gt_boxes).all(axis=1) | ~np.isfinite(gt_labels), gt_image,
-               "ground-truth boxes or labels contain NaN or Inf; those images are not traced")
-        for name, boxes, owner in (("predicted", pred_boxes[keep_pred], pred_image[keep_pred]),
-                                   ("ground-truth", gt_boxes, gt_image)):
-            inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-            refuse(f"invalid_{name.replace('-', '_')}_boxes", inverted, owner,
-                   f"{name} boxes with x2 < x1 or y2 < y1: boxes must be [x1, y1, x2, y2] in pixels (convert "
-                   "[x, y, w, h] or [cx, cy, w, h] first); those images are not traced")
-            if image_size is not None and name == "ground-truth":
-                h, w = image_size[owner, 0], image_size[owner, 1]
-                outside = ((boxes[:, 0] < -BORDER_TOLERANCE_PX) | (boxes[:, 1] < -BORDER_TOLERANCE_PX)
-                           | (boxes[:, 2] > w + BORDER_TOLERANCE_PX) | (boxes[:, 3] > h + BORDER_TOLERANCE_PX))
-                refuse("ground_truth_boxes_outside_image", outside & (h > 0), owner,
-                       "ground-truth boxes lie outside the image (height x width given by the image tensor): boxes must "
-                       "be pixels of the image the model saw, not normalised to [0, 1] and not of another resize; "
-                       "those images are not traced")
+        refuse("non_finite_ground_truth", ~np.isfinite(gt_boxes[:, geometry]).all(axis=1) | ~np.isfinite(gt_labels),
+               gt_image, "ground-truth boxes or labels contain NaN or Inf; those images are not traced")
+        self.check_geometry(refuse, pred_boxes[keep_pred], pred_image[keep_pred], gt_boxes, gt_image, image_size)
         for name, labels, owner in (("predicted", pred_labels[keep_pred], pred_image[keep_pred]),
                                     ("ground-truth", gt_labels, gt_image)):
             finite = np.isfinite(labels)
@@ -192,28 +187,61 @@ class DetectionCodec:
             refuse("label_out_of_range", not_int | out_of_range, owner,
                    f"{name} labels must be class indices in [0, {self.num_classes or 'num_classes'}) of the model's "
                    "classes (pass num_classes= if the model does not say); those images are not traced")
+        pred_boxes, gt_boxes = self.finish_boxes(pred_boxes, pred_image, gt_boxes, image_size)
 
-        if image_size is not None:  # predictions may reach past the border (box regression): clip, as torchvision does
-            h, w = image_size[pred_image, 0:1], image_size[pred_image, 1:2]
-            known = (h > 0)[:, 0]
-            pred_boxes[known] = np.clip(pred_boxes[known], 0, np.concatenate([w, h, w, h], axis=1)[known])
         # keep the model's own order (score-sorted for every known family) among what survives
         keep_pred &= ~bad_image[pred_image]
         keep_gt = ~bad_image[gt_image]
         kept = ~bad_image
-        columns = {
-            "input_id": pa.array(ids[kept], type=pa.string()),
-            "image_h": _sizes(image_size, 0, kept),
-            "image_w": _sizes(image_size, 1, kept),
-            "pred_boxes": _box_lists(pred_boxes[keep_pred], pred_image[keep_pred], kept),
-            "pred_scores": _value_lists(pred_scores[keep_pred], pred_image[keep_pred], kept, pa.float32()),
-            "pred_labels": _value_lists(pred_labels[keep_pred], pred_image[keep_pred], kept, pa.int32()),
-            "gt_boxes": _box_lists(gt_boxes[keep_gt], gt_image[keep_gt], kept),
-            "gt_labels": _value_lists(gt_labels[keep_gt], gt_image[keep_gt], kept, pa.int32()),
-        }
+        columns = {"input_id": pa.array(ids[kept], type=pa.string()), **self.frame_columns(image_size, kept)}
+        for prefix, boxes, owner, keep in (("pred", pred_boxes, pred_image, keep_pred),
+                                           ("gt", gt_boxes, gt_image, keep_gt)):
+            columns.update(self.box_columns(prefix, boxes[keep], owner[keep], kept))
+            if prefix == "pred":
+                columns["pred_scores"] = _value_lists(pred_scores[keep], owner[keep], kept, pa.float32())
+            columns[f"{prefix}_labels"] = _value_lists((pred_labels if prefix == "pred" else gt_labels)[keep],
+                                                       owner[keep], kept, pa.int32())
         if features is not None:
             columns["features"] = to_float16(features[kept])
         return EncodedBatch(vector_table(columns), problems)
+
+    # -- what 2D and 3D do differently ---------------------------------------------------------
+    box_width = 4
+
+    def _stack_boxes(self, per_image: list, what: str, velocities: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return _stack_boxes(per_image, what, (4,), "[x1, y1, x2, y2]")
+
+    def check_geometry(self, refuse: Callable, pred_boxes: np.ndarray, pred_image: np.ndarray, gt_boxes: np.ndarray,
+                       gt_image: np.ndarray, image_size: np.ndarray | None) -> None:
+        """Refuse images with impossible boxes (kept predictions and all ground truth)."""
+        for name, boxes, owner in (("predicted", pred_boxes, pred_image), ("ground-truth", gt_boxes, gt_image)):
+            inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+            refuse(f"invalid_{name.replace('-', '_')}_boxes", inverted, owner,
+                   f"{name} boxes with x2 < x1 or y2 < y1: boxes must be [x1, y1, x2, y2] in pixels (convert "
+                   "[x, y, w, h] or [cx, cy, w, h] first); those images are not traced")
+        if image_size is not None:
+            h, w = image_size[gt_image, 0], image_size[gt_image, 1]
+            outside = ((gt_boxes[:, 0] < -BORDER_TOLERANCE_PX) | (gt_boxes[:, 1] < -BORDER_TOLERANCE_PX)
+                       | (gt_boxes[:, 2] > w + BORDER_TOLERANCE_PX) | (gt_boxes[:, 3] > h + BORDER_TOLERANCE_PX))
+            refuse("ground_truth_boxes_outside_image", outside & (h > 0), gt_image,
+                   "ground-truth boxes lie outside the image (height x width given by the image tensor): boxes must "
+                   "be pixels of the image the model saw, not normalised to [0, 1] and not of another resize; "
+                   "those images are not traced")
+
+    def finish_boxes(self, pred_boxes: np.ndarray, pred_image: np.ndarray, gt_boxes: np.ndarray,
+                     image_size: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions may reach past the border (box regression): clipped, as torchvision does."""
+        if image_size is not None:
+            h, w = image_size[pred_image, 0:1], image_size[pred_image, 1:2]
+            known = (h > 0)[:, 0]
+            pred_boxes[known] = np.clip(pred_boxes[known], 0, np.concatenate([w, h, w, h], axis=1)[known])
+        return pred_boxes, gt_boxes
+
+    def frame_columns(self, image_size: np.ndarray | None, kept: np.ndarray) -> dict[str, pa.Array]:
+        return {"image_h": _sizes(image_size, 0, kept), "image_w": _sizes(image_size, 1, kept)}
+
+    def box_columns(self, prefix: str, boxes: np.ndarray, owner: np.ndarray, kept: np.ndarray) -> dict[str, pa.Array]:
+        return {f"{prefix}_boxes": _box_lists(boxes, owner, kept)}
 
     def run_meta(self) -> dict:
         return {
@@ -239,14 +267,22 @@ class DetectionCodec:
         return sizes.astype(np.int64)
 
 
-def _stack_boxes(per_image: list, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _stack_boxes(per_image: list, what: str, widths: tuple[int, ...], layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (N, width) boxes concatenated, padded with NaN to the largest accepted width, and counts."""
     arrays = [np.asarray(to_numpy(b), dtype=np.float64) for b in per_image]
-    counts = np.array([len(a.reshape(-1)) // 4 if a.size else 0 for a in arrays], dtype=np.int64)
+    full = max(widths)
+    out, counts = [], []
     for a in arrays:
-        if a.size and (a.ndim != 2 or a.shape[1] != 4):
-            raise TraceInputError(f"{what} must be (N, 4) [x1, y1, x2, y2] per image, got shape {a.shape}")
-    boxes = np.concatenate([a.reshape(-1, 4) for a in arrays]) if arrays else np.zeros((0, 4))
-    return boxes, counts
+        if not a.size:
+            counts.append(0)
+            continue
+        if a.ndim != 2 or a.shape[1] not in widths:
+            raise TraceInputError(f"{what} must be (N, {' or '.join(map(str, widths))}) {layout} per image, got "
+                                  f"shape {a.shape}")
+        counts.append(len(a))
+        out.append(a if a.shape[1] == full else np.pad(a, ((0, 0), (0, full - a.shape[1])), constant_values=np.nan))
+    boxes = np.concatenate(out) if out else np.zeros((0, full))
+    return boxes, np.array(counts, dtype=np.int64)
 
 
 def _concat(per_image: list, dtype: Any) -> np.ndarray:
@@ -273,4 +309,5 @@ def _value_lists(values: np.ndarray, owner: np.ndarray, kept_images: np.ndarray,
 
 def _box_lists(boxes: np.ndarray, owner: np.ndarray, kept_images: np.ndarray) -> pa.Array:
     flat = pa.array(np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1), type=pa.float32())
-    return pa.ListArray.from_arrays(_offsets(owner, kept_images), pa.FixedSizeListArray.from_arrays(flat, 4))
+    return pa.ListArray.from_arrays(_offsets(owner, kept_images),
+                                    pa.FixedSizeListArray.from_arrays(flat, boxes.shape[1]))
