@@ -210,3 +210,20 @@ def test_detection_only_views_refuse_classification_results(store_dir, rng):
     result = Evaluator("cls", "v1", store=store_dir).request_evaluation()
     with pytest.raises(ValueError, match="detection view"):
         result.tide()
+
+
+def test_a_dataset_without_detections_at_the_operating_score(store_dir):
+    """The reference (train) sets a high operating score; val has only weaker detections: every val object
+    is a miss and no detection is a unit."""
+    tracer = _tracer(store_dir)
+    box = [[10.0, 10.0, 40.0, 40.0]]
+    train = {f"t{k}": (box, [k % 3], box, [0.9], [k % 3]) for k in range(6)}
+    val = {f"v{k}": (box, [k % 3], box, [0.2], [k % 3]) for k in range(4)}
+    _record(tracer, train, "train", 0)
+    _record(tracer, val, "val", 0)
+    tracer.wait_for_save()
+    result = Evaluator("det", "v1", store=store_dir).request_evaluation()
+    samples = result.samples().query("dataset_type == 'val'")
+    assert len(samples) == 4 and set(samples["unit"]) == {"gt"}
+    assert set(samples["error_code"]) == {"OD_MISS"}
+    assert result.metrics_summary().set_index("dataset").loc["val", "recall"] == 0.0

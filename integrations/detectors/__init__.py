@@ -8,6 +8,7 @@ output format; the codec (``mldbg_callbacks/tasks/detection.py``) does everythin
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any, Callable
 
 TORCHVISION = "torchvision.models.detection."
@@ -42,6 +43,17 @@ FAMILIES: list[tuple[Callable[[list[str], Any], bool], str, str]] = [
      "other PyTorch modules whose output is torchvision-style per-image dicts, facebookresearch DETR "
      "{'pred_logits', 'pred_boxes'} or CenterNet heatmaps {'hm', 'wh', 'reg'}"),
 ]
+
+
+def describe(outputs: Any) -> str:
+    """Type, keys and shapes of a model output, for error messages."""
+    if isinstance(outputs, Mapping):
+        parts = [f"{k}: {tuple(v.shape) if hasattr(v, 'shape') else type(v).__name__}" for k, v in outputs.items()]
+        return f"{type(outputs).__name__} {{{', '.join(parts)}}}"
+    if isinstance(outputs, (list, tuple)):
+        return f"{type(outputs).__name__} of {len(outputs)}" + (f", first: {describe(outputs[0])}" if outputs else "")
+    shape = getattr(outputs, "shape", None)
+    return type(outputs).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
 def class_names(model: Any) -> list[str]:

@@ -49,6 +49,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from mldbg_callbacks.core.arrays import to_numpy
 from mldbg_callbacks.errors import TraceInputError
+from mldbg_callbacks.integrations.detectors import describe
 from mldbg_callbacks.integrations.torch_model import PooledFeatures
 from mldbg_callbacks.training import DetectionTracer
 
@@ -84,17 +85,6 @@ def output_format(outputs: Any) -> str | None:
         if output_format(outputs[-1]) == "centernet":
             return "centernet"
     return None
-
-
-def describe(outputs: Any) -> str:
-    """A short description of an output for error messages (type, keys, shapes)."""
-    if isinstance(outputs, Mapping):
-        parts = [f"{k}: {tuple(v.shape) if hasattr(v, 'shape') else type(v).__name__}" for k, v in outputs.items()]
-        return f"{type(outputs).__name__} {{{', '.join(parts)}}}"
-    if isinstance(outputs, (list, tuple)):
-        return f"{type(outputs).__name__} of {len(outputs)}" + (f", first: {describe(outputs[0])}" if outputs else "")
-    shape = getattr(outputs, "shape", None)
-    return f"{type(outputs).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ class PendingBatch:
 
 @dataclass
 class RowProblem:
-    """Rows of a batch that a codec refused, with a message that names the fix."""
+    """Rows of a batch that a codec refused, with a message that names the fix. ``count == 0`` is a notice:
+    nothing was dropped, the user is warned once (also under ``strict=True``)."""
 
     reason: str
     count: int

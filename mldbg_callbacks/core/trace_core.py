@@ -179,8 +179,9 @@ class TraceCore:
         item: PendingBatch | EncodedBatch
         if self.strict:
             item = self.codec.encode(_handed_over(batch))
-            if item.problems:
-                raise TraceInputError("; ".join(p.message for p in item.problems))
+            refused = [p for p in item.problems if p.count]  # count 0: a notice, nothing was dropped
+            if refused:
+                raise TraceInputError("; ".join(p.message for p in refused))
             item = _Encoded(item, batch.dataset_type, batch.n_epoch, size)
         else:
             item = _handed_over(batch)

@@ -262,7 +262,8 @@ def outcomes_at(images: Images, match: EpochMatch, score_op: float, geometry: "G
     gt_type[has_explanation] = det_error[explaining[has_explanation]]
     folded = np.zeros(len(op_index), dtype=bool)
     folded[explaining[has_explanation]] = True
-    chosen = np.where(found, match.gt_det, np.where(has_explanation, op_index[np.maximum(explaining, 0)], -1))
+    explained_by = op_index[np.maximum(explaining, 0)] if len(op_index) else np.full(len(explaining), -1)
+    chosen = np.where(found, match.gt_det, np.where(has_explanation, explained_by, -1))
     return Outcomes(op_index, det_error, target, folded, found, gt_type, chosen)
 
 

@@ -167,7 +167,8 @@ class LocalStore:
                 for part in _read_json(marker)["parts"]:
                     path = rank_dir / part
                     columns = [c for c in pq.read_schema(path).names if c not in exclude] if exclude else None
-                    table = pq.read_table(path, columns=columns)
+                    # partitioning=None: some pyarrow versions add the hive keys of the path as columns
+                    table = pq.read_table(path, columns=columns, partitioning=None)
                     table = table.append_column("n_epoch", pa.array([int(epoch)] * table.num_rows, pa.int64()))
                     tables.append(table.append_column("rank", pa.array([rank] * table.num_rows, pa.int64())))
         if not tables:
