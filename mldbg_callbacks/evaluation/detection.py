@@ -34,7 +34,7 @@ from .classification import _binary_scores
 from .coco import Boxes, coco_evaluate, match_detections
 from .dynamics import training_dynamics
 from .error_proba import ErrorProbaEstimator, operating_threshold
-from .issues import WEAK_LOC_IOU, assign_detection
+from .issues import CATEGORIES, WEAK_LOC_IOU, assign_detection
 from .neighbors import hotspot_regions
 from .pipeline import category_summary
 from .selection import reference_key
@@ -616,14 +616,12 @@ def _image_view(samples: pd.DataFrame, images: Images, accepted: np.ndarray) -> 
     frame["missed"] = frame["input_id"].map(samples[is_gt & ~samples["correct"]].groupby("input_id").size()
                                             ).fillna(0).astype(int)
     frame["false_positives"] = frame["input_id"].map(samples[~is_gt].groupby("input_id").size()).fillna(0).astype(int)
-    rank = {c: i for i, c in enumerate(["aleatoric_hotspot", "critical_hotspot", "hotspot", "recessive_hotspot",
-                                        "operational_coverage", "stable_coverage"])}
+    rank = {c: i for i, c in enumerate(CATEGORIES)}  # precedence order: the worst first
     worst = samples.assign(_r=samples["category"].map(rank)).groupby("input_id")["_r"].min()
-    inverse = {i: c for c, i in rank.items()}
-    frame["worst_category"] = frame["input_id"].map(worst).map(inverse).fillna("")
+    frame["worst_category"] = frame["input_id"].map(worst).map(dict(enumerate(CATEGORIES))).astype(object).fillna("")
     frame["error_codes"] = frame["input_id"].map(
         samples[~samples["correct"]].groupby("input_id")["error_code"].agg(lambda s: ", ".join(sorted(set(s))))
-    ).fillna("")
+    ).astype(object).fillna("")
     return frame
 
 
