@@ -60,21 +60,29 @@ def class_names(model: Any) -> list[str]:
     return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(model).__mro__]
 
 
+def resolve_family(model: Any, families: list, package: str, postprocess: Callable | None, fallback: str,
+                   factory: str, output: str) -> type:
+    """The first family class whose rule matches ``model`` (imported from ``package.module`` only then);
+    the tracer base ``fallback`` (a ``mldbg_callbacks.training`` name) when ``postprocess`` is given; else a
+    TypeError listing the families and how to write ``postprocess=`` (``output`` describes its result)."""
+    names = class_names(model)
+    for matches, target, _ in families:
+        if matches(names, model):
+            module, cls = target.split(":")
+            return getattr(importlib.import_module(f"{package}.{module}"), cls)
+    if postprocess is not None:
+        from mldbg_callbacks import training
+
+        return getattr(training, fallback)
+    supported = "\n".join(f"  - {name}" for _, _, name in families)
+    raise TypeError(
+        f"{factory} does not recognise {type(model).__module__}.{type(model).__qualname__}. Supported "
+        f"families:\n{supported}\nFor any other detector pass postprocess=, a function {output}.")
+
+
 def detector_class(model: Any, postprocess: Callable | None = None) -> type:
     """The DetectionTracer subclass for ``model``; ``DetectionTracer`` itself when ``postprocess`` is given
     for a model no family recognises. Raises TypeError listing the families otherwise."""
-    names = class_names(model)
-    for matches, target, _ in FAMILIES:
-        if matches(names, model):
-            module, cls = target.split(":")
-            return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-    if postprocess is not None:
-        from mldbg_callbacks.training import DetectionTracer
-
-        return DetectionTracer
-    supported = "\n".join(f"  - {name}" for _, _, name in FAMILIES)
-    raise TypeError(
-        f"ObjectDetectionTracer does not recognise {type(model).__module__}.{type(model).__qualname__}. "
-        f"Supported families:\n{supported}\nFor any other detector pass postprocess=, a function "
-        "(outputs, images) -> [{'boxes': (N, 4) [x1, y1, x2, y2] pixels, 'scores': (N,), 'labels': (N,)}, ...] "
-        "with one dict per image.")
+    return resolve_family(model, FAMILIES, __name__, postprocess, "DetectionTracer", "ObjectDetectionTracer",
+                          "(outputs, images) -> [{'boxes': (N, 4) [x1, y1, x2, y2] pixels, 'scores': (N,), "
+                          "'labels': (N,)}, ...] with one dict per image")

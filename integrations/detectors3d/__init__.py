@@ -7,10 +7,9 @@ config keeps the thresholds and ``pc_range``.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
-from mldbg_callbacks.integrations.detectors import class_names
+from mldbg_callbacks.integrations.detectors import resolve_family
 
 
 def _has(*names: str) -> Callable[[list[str], Any], bool]:
@@ -47,18 +46,6 @@ FAMILIES: list[tuple[Callable[[list[str], Any], bool], str, str]] = [
 def detector3d_class(model: Any, postprocess: Callable | None = None) -> type:
     """The Detection3DTracer subclass for ``model``; ``Detection3DTracer`` with ``postprocess``. Raises
     TypeError listing the families otherwise."""
-    names = class_names(model)
-    for matches, target, _ in FAMILIES:
-        if matches(names, model):
-            module, cls = target.split(":")
-            return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-    if postprocess is not None:
-        from mldbg_callbacks.training import Detection3DTracer
-
-        return Detection3DTracer
-    supported = "\n".join(f"  - {name}" for _, _, name in FAMILIES)
-    raise TypeError(
-        f"ObjectDetection3DTracer does not recognise {type(model).__module__}.{type(model).__qualname__}. "
-        f"Supported families:\n{supported}\nFor any other detector pass postprocess=, a function "
-        "(outputs, inputs) -> [{'boxes': (N, 7) [cx, cy, cz, w, l, h, yaw] (+ vx, vy), 'scores': (N,), "
-        "'labels': (N,)}, ...] with one dict per frame.")
+    return resolve_family(model, FAMILIES, __name__, postprocess, "Detection3DTracer", "ObjectDetection3DTracer",
+                          "(outputs, inputs) -> [{'boxes': (N, 7) [cx, cy, cz, w, l, h, yaw] (+ vx, vy), "
+                          "'scores': (N,), 'labels': (N,)}, ...] with one dict per frame")
