@@ -4,6 +4,8 @@
     mldbg evaluate MODEL VERSION [--n-epoch latest|all|N] [--result-name NAME] [--html report.html]
     mldbg results MODEL VERSION             saved results of a version
     mldbg show MODEL VERSION RESULT         the summary of one result
+    mldbg report MODEL VERSION -o report.html [--result NAME]
+                                            a self-contained HTML report (the newest result, or --result)
 
 Every command takes ``--store DIR`` (default: MLD_HOME, else ./mldbg).
 """
@@ -48,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("model_name")
     show.add_argument("version_name")
     show.add_argument("result_name")
+    report = commands.add_parser("report", help="write a self-contained HTML report of a saved result")
+    report.add_argument("model_name")
+    report.add_argument("version_name")
+    report.add_argument("-o", "--output", default="report.html", help="where to write it (default report.html)")
+    report.add_argument("--result", default=None, help="result name (default: the newest; evaluates if none)")
     return parser
 
 
@@ -103,6 +110,17 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "show":
         evaluator.get_result(args.result_name).get_summary()
+        return 0
+    if args.command == "report":
+        names = evaluator.list_results()["result_name"].tolist()
+        if args.result is not None:
+            result = evaluator.get_result(args.result)
+        elif names:
+            result = evaluator.get_result(names[-1])
+        else:
+            console.print("no saved result yet: evaluating the newest epoch first")
+            result = evaluator.request_evaluation()
+        console.print(f"report of {result.result_name!r} written to {result.to_html(args.output)}")
         return 0
     return 2
 

@@ -246,8 +246,7 @@ class Result:
         return summary
 
     def _repr_html_(self) -> str:
-        def table(frame: pd.DataFrame, title: str) -> str:
-            return f"<h4>{html.escape(title)}</h4>" + frame.to_html(index=False, float_format=lambda v: f"{v:.4g}")
+        from .report import _table as table
 
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
         parts = [f"<h3>{html.escape(self.model_name)}/{html.escape(self.version_name)} — "
@@ -259,18 +258,21 @@ class Result:
             parts.append(table(self.get_view(["category", "error_code"], adjustby="category"), "Error codes"))
             issues = self.get_issues()[[*self._keys(), "category", "error_code", "count", "recommendation", "examples"]]
             parts.append(table(issues, "Issues"))
+        for name, title in (("per_class", "Per class"), ("tide", "TIDE error types (dAP in AP50 points)")):
+            if name in self._tables:
+                parts.append(table(self._tables[name], title))
         if notes:
             parts.append(f"<ul>{notes}</ul>")
         return "".join(parts)
 
     def to_html(self, path: str | Path) -> Path:
-        """Write a self-contained HTML report and return its path."""
+        """Write a self-contained HTML report (tables and inline-SVG heatmaps, no external asset) and return
+        its path."""
+        from .report import report_html
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("<!doctype html><meta charset='utf-8'><title>mldbg report</title>"
-                        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-                        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style>"
-                        + self._repr_html_(), encoding="utf-8")
+        path.write_text(report_html(self), encoding="utf-8")
         return path
 
 
