@@ -100,42 +100,56 @@ class Boxes:
         return int(np.shape(self.image)[0])
 
 
-def _checked(boxes: Boxes, n_images: int, what: str, need_score: bool) -> Boxes:
-    """Typed, contiguous copies of ``boxes`` after checking lengths, shapes and values."""
-    image = np.asarray(boxes.image)
-    label = np.asarray(boxes.label)
-    box = np.asarray(boxes.box, dtype=np.float64)
-    if image.ndim != 1 or label.ndim != 1:
-        raise ValueError(f"{what}: image and label must be 1-D arrays")
-    n = image.shape[0]
-    if box.ndim != 2 or box.shape[1] != 4 or box.shape[0] != n or label.shape[0] != n:
-        raise ValueError(f"{what}: image ({n}), label ({label.shape[0]}) and box {box.shape} must describe "
-                         "the same number of boxes, box as an (N, 4) array")
-    for name, values in (("image", image), ("label", label)):
+def checked_flat_boxes(group: np.ndarray, label: np.ndarray, box: np.ndarray, score: np.ndarray | None, *,
+                       width: int, layout: str, n_groups: int | None, what: str, group_name: str,
+                       need_score: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Typed, contiguous copies of one row-per-box set (``group``: the image / frame index of each box)
+    after checking what 2D and 3D boxes share: lengths, integer ids, finite boxes, ranges, scores.
+    ValueError with the reason."""
+    group, label = np.asarray(group), np.asarray(label)
+    box = np.asarray(box, dtype=np.float64)
+    if group.ndim != 1 or label.ndim != 1:
+        raise ValueError(f"{what}: {group_name} and label must be 1-D arrays")
+    n = group.shape[0]
+    if box.ndim != 2 or box.shape[1] != width:
+        raise ValueError(f"{what}: box must be an (N, {width}) array {layout}, got shape {box.shape}")
+    if box.shape[0] != n or label.shape[0] != n:
+        raise ValueError(f"{what}: {group_name} ({n}), label ({label.shape[0]}) and box ({box.shape[0]}) must "
+                         "describe the same number of boxes")
+    for name, values in ((group_name, group), ("label", label)):
         if n and not (np.issubdtype(values.dtype, np.integer)
                       or (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values)))):
             raise ValueError(f"{what}: {name} must hold integers")
-    image = image.astype(np.int64)
-    label = label.astype(np.int64)
+    group, label = group.astype(np.int64), label.astype(np.int64)
     if not np.all(np.isfinite(box)):
         bad_rows = np.flatnonzero(~np.isfinite(box).all(axis=1))[:5].tolist()
-        raise ValueError(f"{what}: box holds NaN or infinite coordinates (first rows: {bad_rows})")
-    if np.any(box[:, 2] < box[:, 0]) or np.any(box[:, 3] < box[:, 1]):
-        raise ValueError(f"{what}: boxes must be [x1, y1, x2, y2] with x2 >= x1 and y2 >= y1")
-    if n and (image.min() < 0 or image.max() >= n_images):
-        raise ValueError(f"{what}: image indices must lie in [0, n_images={n_images})")
+        raise ValueError(f"{what}: box holds NaN or infinite values (first rows: {bad_rows})")
+    if n and group.min() < 0:
+        raise ValueError(f"{what}: {group_name} indices must be >= 0")
+    if n and n_groups is not None and group.max() >= n_groups:
+        raise ValueError(f"{what}: {group_name} indices must lie in [0, n_{group_name}s={n_groups})")
     if n and label.min() < 0:
         raise ValueError(f"{what}: labels must be non-negative")
-    score = None
     if need_score:
-        if boxes.score is None:
+        if score is None:
             raise ValueError(f"{what}: detections need a score")
-        score = np.asarray(boxes.score, dtype=np.float64)
+        score = np.asarray(score, dtype=np.float64)
         if score.shape != (n,):
             raise ValueError(f"{what}: score has shape {score.shape}, expected ({n},)")
         if not np.all(np.isfinite(score)):
             raise ValueError(f"{what}: score holds NaN or infinite values")
-    return Boxes(np.ascontiguousarray(image), np.ascontiguousarray(label), np.ascontiguousarray(box), score)
+    else:
+        score = None
+    return np.ascontiguousarray(group), np.ascontiguousarray(label), np.ascontiguousarray(box), score
+
+
+def _checked(boxes: Boxes, n_images: int, what: str, need_score: bool) -> Boxes:
+    image, label, box, score = checked_flat_boxes(boxes.image, boxes.label, boxes.box, boxes.score, width=4,
+                                                  layout="[x1, y1, x2, y2]", n_groups=n_images, what=what,
+                                                  group_name="image", need_score=need_score)
+    if np.any(box[:, 2] < box[:, 0]) or np.any(box[:, 3] < box[:, 1]):
+        raise ValueError(f"{what}: boxes must be [x1, y1, x2, y2] with x2 >= x1 and y2 >= y1")
+    return Boxes(image, label, box, score)
 
 
 def _xywh(box: np.ndarray) -> np.ndarray:

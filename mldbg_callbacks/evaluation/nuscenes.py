@@ -68,6 +68,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .coco import checked_flat_boxes
+
 __all__ = ["Boxes3D", "MetricData", "NuScenesEvaluation", "accumulate", "bev_iou", "calc_ap", "calc_tp",
            "nuscenes_evaluate", "BEV_IOU_THRESHOLDS", "DIST_THRESHOLDS", "TP_METRIC_NAMES", "NELEM"]
 
@@ -133,55 +135,25 @@ class Boxes3D:
 
 def _checked(boxes: Boxes3D, n_frames: int | None, what: str, need_score: bool) -> Boxes3D:
     """Typed, contiguous copies after checking shapes and values (ValueError with the reason)."""
-    frame = np.asarray(boxes.frame)
-    label = np.asarray(boxes.label)
-    box = np.asarray(boxes.box, dtype=np.float64)
-    if frame.ndim != 1 or label.ndim != 1:
-        raise ValueError(f"{what}: frame and label must be 1-D arrays")
-    n = frame.shape[0]
-    if box.ndim != 2 or box.shape[1] != 7:
-        raise ValueError(f"{what}: box must be an (N, 7) array [cx, cy, cz, w, l, h, yaw], got shape {box.shape}"
-                         + (" (pass velocities separately as `velocity`)" if box.ndim == 2 and box.shape[1] == 9
-                            else ""))
-    if box.shape[0] != n or label.shape[0] != n:
-        raise ValueError(f"{what}: frame ({n}), label ({label.shape[0]}) and box ({box.shape[0]}) lengths differ")
-    for name, values in (("frame", frame), ("label", label)):
-        if n and not (np.issubdtype(values.dtype, np.integer)
-                      or (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values)))):
-            raise ValueError(f"{what}: {name} must hold integers")
-    frame = frame.astype(np.int64)
-    label = label.astype(np.int64)
-    if not np.all(np.isfinite(box)):
-        bad = np.flatnonzero(~np.isfinite(box).all(axis=1))[:5].tolist()
-        raise ValueError(f"{what}: box holds NaN or infinite values (first rows: {bad})")
+    box = np.asarray(boxes.box)
+    if box.ndim == 2 and box.shape[1] == 9:
+        raise ValueError(f"{what}: box must be an (N, 7) array [cx, cy, cz, w, l, h, yaw], got shape {box.shape} "
+                         "(pass velocities separately as `velocity`)")
+    frame, label, box, score = checked_flat_boxes(boxes.frame, boxes.label, box, boxes.score, width=7,
+                                                  layout="[cx, cy, cz, w, l, h, yaw]", n_groups=n_frames,
+                                                  what=what, group_name="frame", need_score=need_score)
     if np.any(box[:, 3:6] <= 0):
         bad = np.flatnonzero((box[:, 3:6] <= 0).any(axis=1))[:5].tolist()
         raise ValueError(f"{what}: box sizes (w, l, h) must be > 0 (first bad rows: {bad})")
-    if n and frame.min() < 0:
-        raise ValueError(f"{what}: frame indices must be >= 0")
-    if n and n_frames is not None and frame.max() >= n_frames:
-        raise ValueError(f"{what}: frame indices must lie in [0, n_frames={n_frames})")
-    if n and label.min() < 0:
-        raise ValueError(f"{what}: labels must be non-negative")
     velocity = None
     if boxes.velocity is not None:
         velocity = np.asarray(boxes.velocity, dtype=np.float64)
-        if velocity.shape != (n, 2):
-            raise ValueError(f"{what}: velocity has shape {velocity.shape}, expected ({n}, 2)")
+        if velocity.shape != (len(frame), 2):
+            raise ValueError(f"{what}: velocity has shape {velocity.shape}, expected ({len(frame)}, 2)")
         if np.any(np.isinf(velocity)):
             raise ValueError(f"{what}: velocity holds infinite values")
         velocity = np.ascontiguousarray(velocity)
-    score = None
-    if need_score:
-        if boxes.score is None:
-            raise ValueError(f"{what}: detections need a score")
-        score = np.asarray(boxes.score, dtype=np.float64)
-        if score.shape != (n,):
-            raise ValueError(f"{what}: score has shape {score.shape}, expected ({n},)")
-        if not np.all(np.isfinite(score)):
-            raise ValueError(f"{what}: score holds NaN or infinite values")
-    return Boxes3D(np.ascontiguousarray(frame), np.ascontiguousarray(label), np.ascontiguousarray(box),
-                   velocity, score)
+    return Boxes3D(frame, label, box, velocity, score)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -47,15 +47,15 @@ def ground_truth_lists(targets: Any, n_images: int | None = None) -> dict[str, l
     No data is copied or moved off the device: only the containers are rearranged.
     """
     if isinstance(targets, Mapping) and "boxes" in targets and "labels" in targets:
-        boxes, labels = targets["boxes"], targets["labels"]
+        boxes, labels, velocities = targets["boxes"], targets["labels"], targets.get("velocities")
         if hasattr(boxes, "shape") and len(boxes.shape) == 2 and n_images != boxes.shape[0]:
-            boxes, labels = [boxes], [labels]  # one image's (N, 4) given without the list around it
+            # one image's (N, 4) given without the list around it
+            boxes, labels, velocities = [boxes], [labels], None if velocities is None else [velocities]
         if not (_is_sequence(boxes) and _is_sequence(labels)):
             raise TraceInputError(f"ground truth 'boxes' and 'labels' must be per-image lists; accepted formats: {GT_FORMATS}")
         out = {"boxes": list(boxes), "labels": list(labels)}
-        if targets.get("velocities") is not None:  # 3D: (M, 2) per frame
-            out["velocities"] = list(targets["velocities"]) if len(out["boxes"]) > 1 or not hasattr(
-                targets["velocities"], "shape") or len(targets["velocities"].shape) != 2 else [targets["velocities"]]
+        if velocities is not None:  # 3D: (M, 2) per frame
+            out["velocities"] = list(velocities)
         return out
     if _is_sequence(targets) and all(isinstance(t, Mapping) and "boxes" in t and "labels" in t for t in targets):
         out = {"boxes": [t["boxes"] for t in targets], "labels": [t["labels"] for t in targets]}
@@ -178,7 +178,8 @@ class DetectionCodec:
         keep_pred &= rank < self.max_detections
         refuse("non_finite_ground_truth", ~np.isfinite(gt_boxes[:, geometry]).all(axis=1) | ~np.isfinite(gt_labels),
                gt_image, "ground-truth boxes or labels contain NaN or Inf; those images are not traced")
-        self.check_geometry(refuse, pred_boxes[keep_pred], pred_image[keep_pred], gt_boxes, gt_image, image_size)
+        problems += self.check_geometry(refuse, pred_boxes[keep_pred], pred_image[keep_pred], gt_boxes, gt_image,
+                                        image_size)
         for name, labels, owner in (("predicted", pred_labels[keep_pred], pred_image[keep_pred]),
                                     ("ground-truth", gt_labels, gt_image)):
             finite = np.isfinite(labels)
@@ -212,8 +213,9 @@ class DetectionCodec:
         return _stack_boxes(per_image, what, (4,), "[x1, y1, x2, y2]")
 
     def check_geometry(self, refuse: Callable, pred_boxes: np.ndarray, pred_image: np.ndarray, gt_boxes: np.ndarray,
-                       gt_image: np.ndarray, image_size: np.ndarray | None) -> None:
-        """Refuse images with impossible boxes (kept predictions and all ground truth)."""
+                       gt_image: np.ndarray, image_size: np.ndarray | None) -> list[RowProblem]:
+        """Refuse images with impossible boxes (kept predictions and all ground truth); return notices
+        (``RowProblem`` with count 0) about what is kept but suspicious."""
         for name, boxes, owner in (("predicted", pred_boxes, pred_image), ("ground-truth", gt_boxes, gt_image)):
             inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
             refuse(f"invalid_{name.replace('-', '_')}_boxes", inverted, owner,
@@ -227,6 +229,7 @@ class DetectionCodec:
                    "ground-truth boxes lie outside the image (height x width given by the image tensor): boxes must "
                    "be pixels of the image the model saw, not normalised to [0, 1] and not of another resize; "
                    "those images are not traced")
+        return []
 
     def finish_boxes(self, pred_boxes: np.ndarray, pred_image: np.ndarray, gt_boxes: np.ndarray,
                      image_size: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

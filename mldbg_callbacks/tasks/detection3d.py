@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core.arrays import to_numpy
-from ..core.batch import EncodedBatch, PendingBatch, RowProblem
+from ..core.batch import RowProblem
 from ..errors import TraceInputError
 from .detection import DetectionCodec, _box_lists, _stack_boxes
 
@@ -65,7 +65,7 @@ class Detection3DCodec(DetectionCodec):
         return boxes, counts
 
     def check_geometry(self, refuse: Callable, pred_boxes: np.ndarray, pred_image: np.ndarray, gt_boxes: np.ndarray,
-                       gt_image: np.ndarray, image_size: np.ndarray | None) -> None:
+                       gt_image: np.ndarray, image_size: np.ndarray | None) -> list[RowProblem]:
         for name, boxes, owner in (("predicted", pred_boxes, pred_image), ("ground-truth", gt_boxes, gt_image)):
             refuse("negative_box_sizes", (boxes[:, 3:6] < 0).any(axis=1), owner,
                    f"{name} boxes with a negative size: boxes must be {BOX_LAYOUT} with w, l, h >= 0 in metres; "
@@ -74,11 +74,12 @@ class Detection3DCodec(DetectionCodec):
             low, high = np.array(self.pc_range[:3]), np.array(self.pc_range[3:])
             outside = ((gt_boxes[:, :3] < low) | (gt_boxes[:, :3] > high)).any(axis=1)
             if outside.all():
-                self._notice = RowProblem(
+                return [RowProblem(
                     "gt_outside_pc_range", 0,
                     f"every ground-truth box of a batch lies outside pc_range {self.pc_range}: the model cannot "
                     "detect them. Check pc_range= and the box coordinate frame (LiDAR vs. camera vs. global); "
-                    "the frames are traced as they are")
+                    "the frames are traced as they are")]
+        return []
 
     def finish_boxes(self, pred_boxes: np.ndarray, pred_image: np.ndarray, gt_boxes: np.ndarray,
                      image_size: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +97,6 @@ class Detection3DCodec(DetectionCodec):
         if self.velocities[prefix]:
             columns[f"{prefix}_velocities"] = _box_lists(boxes[:, 7:9], owner, kept)
         return columns
-
-    def encode(self, batch: PendingBatch) -> EncodedBatch:
-        self._notice: RowProblem | None = None
-        encoded = super().encode(batch)
-        if self._notice is not None:
-            encoded.problems.append(self._notice)
-        return encoded
 
     def run_meta(self) -> dict:
         meta = super().run_meta()
