@@ -15,22 +15,18 @@ import pytest
 
 from mldbg_callbacks.evaluation.coco import Boxes
 from mldbg_callbacks.evaluation.tide import MAIN_ERRORS, SPECIAL_ERRORS, tide_errors
+from detection_cases import random_case, xywh  # tests/ is on sys.path
 
-tidecv = pytest.importorskip("tidecv")
-from tidecv import TIDE, Data  # noqa: E402
-
-
-def _xywh(box: np.ndarray) -> np.ndarray:
-    return np.stack([box[:, 0], box[:, 1], box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]], axis=1)
+from tidecv import TIDE, Data
 
 
 def reference(dets: Boxes, gts: Boxes, n_images: int) -> dict:
     gt, pred = Data("gt"), Data("pred")
     for i in range(n_images):
         gt.add_image(i, f"image {i}")
-    for i, c, b in zip(gts.image.tolist(), gts.label.tolist(), _xywh(gts.box).tolist()):
+    for i, c, b in zip(gts.image.tolist(), gts.label.tolist(), xywh(gts.box).tolist()):
         gt.add_ground_truth(i, c, b)
-    for i, c, s, b in zip(dets.image.tolist(), dets.label.tolist(), dets.score.tolist(), _xywh(dets.box).tolist()):
+    for i, c, s, b in zip(dets.image.tolist(), dets.label.tolist(), dets.score.tolist(), xywh(dets.box).tolist()):
         pred.add_detection(i, c, s, b)
     with contextlib.redirect_stdout(io.StringIO()):
         tide = TIDE()
@@ -59,41 +55,6 @@ def reference(dets: Boxes, gts: Boxes, n_images: int) -> dict:
     counts = {k.short_name: v for k, v in run.count_errors().items()}
     return dict(ap=run.ap, counts=counts, dap=main, special=special, det_error=det_error, det_target=det_target,
                 det_fixes=det_fixes, gt_missed=gt_missed)
-
-
-def random_case(rng: np.random.Generator, n_images: int = 12, n_classes: int = 4, gt_per_image: float = 3.0,
-                dets_per_image: float = 10.0, score_decimals: int = 2, crowded: int = 0,
-                absent_classes: int = 0) -> tuple[Boxes, Boxes, int]:
-    """Random GT; detections = jittered GT copies (class flips, duplicates) + background boxes."""
-    n_gt = int(rng.poisson(gt_per_image * n_images))
-    g_image = rng.integers(0, n_images, n_gt)
-    g_label = rng.integers(0, n_classes, n_gt)
-    wh = np.exp(rng.uniform(np.log(2), np.log(150), (n_gt, 2)))
-    xy = rng.uniform(0, 200, (n_gt, 2))
-    g_box = np.concatenate([xy, xy + wh], axis=1)
-    n_copy = int(rng.poisson(dets_per_image * n_images * 0.6)) if n_gt else 0
-    src = rng.integers(0, max(n_gt, 1), n_copy)
-    c_box = g_box[src] + rng.normal(0, 1, (n_copy, 4)) * rng.uniform(0, 0.4, (n_copy, 1)) * np.tile(wh[src], 2)
-    exact = rng.random(n_copy) < 0.1  # exact copies: IoU 1 with several detections (Dupe)
-    c_box[exact] = g_box[src[exact]]
-    c_box = np.concatenate([np.minimum(c_box[:, :2], c_box[:, 2:]), np.maximum(c_box[:, :2], c_box[:, 2:])], 1)
-    c_label = np.where(rng.random(n_copy) < 0.2, rng.integers(0, n_classes, n_copy), g_label[src])
-    n_bg = int(rng.poisson(dets_per_image * n_images * 0.4))
-    b_xy = rng.uniform(0, 200, (n_bg, 2))
-    b_box = np.concatenate([b_xy, b_xy + np.exp(rng.uniform(np.log(2), np.log(150), (n_bg, 2)))], axis=1)
-    d_box = np.concatenate([c_box, b_box])
-    d_image = np.concatenate([g_image[src], rng.integers(0, n_images, n_bg)])
-    d_label = np.concatenate([c_label, rng.integers(0, n_classes + absent_classes, n_bg)])
-    if crowded:
-        # one image with more than tidecv's 100 detections
-        xy_c = rng.uniform(0, 200, (crowded, 2))
-        d_box = np.concatenate([d_box, np.concatenate([xy_c, xy_c + rng.uniform(5, 80, (crowded, 2))], 1)])
-        d_image = np.concatenate([d_image, np.zeros(crowded, dtype=np.int64)])
-        d_label = np.concatenate([d_label, rng.integers(0, n_classes, crowded)])
-    score = np.round(rng.random(len(d_box)), score_decimals)
-    perm = rng.permutation(len(d_box))
-    return (Boxes(d_image[perm], d_label[perm], d_box[perm], score[perm]), Boxes(g_image, g_label, g_box),
-            n_images)
 
 
 CASES = [
@@ -129,14 +90,14 @@ def assert_same_as_reference(ours, ref: dict) -> None:
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_matches_tidecv(case: int, seed: int) -> None:
     rng = np.random.default_rng(500 + 1000 * case + seed)
-    dets, gts, n_images = random_case(rng, **CASES[case])
+    dets, gts, n_images = random_case(rng, exact_fraction=0.1, **CASES[case])
     assert_same_as_reference(tide_errors(dets, gts, n_images), reference(dets, gts, n_images))
 
 
 def test_medium_case() -> None:
     rng = np.random.default_rng(9)
-    dets, gts, n_images = random_case(rng, n_images=150, n_classes=20, gt_per_image=7, dets_per_image=60,
-                                      crowded=130, absent_classes=2)
+    dets, gts, n_images = random_case(rng, exact_fraction=0.1, n_images=150, n_classes=20, gt_per_image=7,
+                                      dets_per_image=60, crowded=130, absent_classes=2)
     ours = tide_errors(dets, gts, n_images)
     assert_same_as_reference(ours, reference(dets, gts, n_images))
     assert set(ours.dap()) == set(MAIN_ERRORS) and set(ours.special_dap()) == set(SPECIAL_ERRORS)
@@ -159,7 +120,7 @@ def test_images_without_detections_or_gt() -> None:
 
 def test_no_gt_at_all_and_no_detections_at_all() -> None:
     rng = np.random.default_rng(1)
-    dets, gts, n_images = random_case(rng, n_images=6, n_classes=3)
+    dets, gts, n_images = random_case(rng, exact_fraction=0.1, n_images=6, n_classes=3)
     no_gt = Boxes(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)))
     ours = tide_errors(dets, no_gt, n_images)
     assert set(ours.det_error.tolist()) <= {"Bkg", ""}
