@@ -101,7 +101,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "pip install 'mldbg-callbacks[ultralytics]'") from exc
 
 from mldbg_callbacks.core.trace_core import TraceCore, TraceStats, TraceWarning
-from mldbg_callbacks.store import LocalStore
+from mldbg_callbacks.store import LocalStore, RemoteStore
 from mldbg_callbacks.store.names import validate_name
 
 __all__ = ["TracingSettings", "UltralyticsTracing", "add_mldbg_callbacks", "callbacks", "mldbg_trainer",
@@ -124,7 +124,8 @@ class TracingSettings:
         model_name, version_name: identify the run in the store; ``None``: ``MLDBG_MODEL_NAME`` /
             ``MLDBG_VERSION_NAME``, else the model file's stem and the run directory's name.
         trace_train: also trace a validation-style pass over the train split after every epoch.
-        store: a store directory (a ``LocalStore`` is kept as its path); ``None``: MLD_HOME, else ``./mldbg``.
+        store: a store directory or server URL (a store object is kept as its path / URL); ``None``:
+            MLD_API_ENDPOINT, else MLD_HOME, else ``./mldbg``.
         strict: raise instead of warning once and counting.
         flush_every: commit traces every k epochs (always at the end of training).
         max_pending_batches: bound of the tracing queue (back-pressure instead of memory growth).
@@ -146,7 +147,7 @@ class TracingSettings:
             value = getattr(self, name)
             if value is not None:
                 validate_name(value, name)
-        if isinstance(self.store, LocalStore):
+        if isinstance(self.store, (LocalStore, RemoteStore)):  # a server travels as its URL (key: MLD_API_KEY)
             object.__setattr__(self, "store", str(self.store.root))
         elif self.store is not None:
             object.__setattr__(self, "store", os.fspath(self.store))

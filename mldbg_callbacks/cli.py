@@ -6,8 +6,15 @@
     mldbg show MODEL VERSION RESULT         the summary of one result
     mldbg report MODEL VERSION -o report.html [--result NAME]
                                             a self-contained HTML report (the newest result, or --result)
+    mldbg ui [--port 8765]                  the web UI over a local store (loopback only, no key)
+    mldbg serve [--host H] [--port P] [--db URL]
+                                            the team server: REST API /v1 and web UI (extra [server])
+    mldbg keys create --project P | list | revoke KEY_ID
+                                            API keys of the server's database
+    mldbg sync                              send uploads spooled while the server was unreachable
 
-Every command takes ``--store DIR`` (default: MLD_HOME, else ./mldbg).
+Every command takes ``--store DIR`` (default: MLD_HOME, else ./mldbg; for runs/evaluate/results/show/
+report also a server URL, default MLD_API_ENDPOINT).
 """
 
 from __future__ import annotations
@@ -55,6 +62,28 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("version_name")
     report.add_argument("-o", "--output", default="report.html", help="where to write it (default report.html)")
     report.add_argument("--result", default=None, help="result name (default: the newest; evaluates if none)")
+    ui = commands.add_parser("ui", help="serve the web UI over a local store (loopback only, no key)")
+    ui.add_argument("--port", type=int, default=8765)
+    ui.add_argument("--host", default="127.0.0.1", help="a loopback address; to share runs use `mldbg serve`")
+    serve = commands.add_parser("serve", help="run the team server (REST API under /v1 and the web UI)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept other machines)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", default=None, help="metadata database URL (default: SQLite in the store; "
+                                                  "postgresql://user@host/db for a team deployment)")
+    serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest upload accepted (default 64)")
+    keys = commands.add_parser("keys", help="manage the server's API keys")
+    keys.add_argument("--db", default=None, help="as for `mldbg serve`")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key for a project (printed once)")
+    create.add_argument("--project", required=True)
+    create.add_argument("--label", default="", help="a note to recognise the key by")
+    listing = key_commands.add_parser("list", help="list keys (ids only, never the keys)")
+    listing.add_argument("--project", default=None)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    sync = commands.add_parser("sync", help="send the uploads spooled while the server was unreachable")
+    sync.add_argument("--endpoint", default=None, help="server URL (default: MLD_API_ENDPOINT)")
+    sync.add_argument("--spool", default=None, help="spool directory (default: MLD_SPOOL_DIR, else ~/.cache/...)")
     return parser
 
 
@@ -75,6 +104,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from .evaluator import Evaluator
     from .store import resolve_store
 
+    if args.command in ("ui", "serve", "keys"):
+        from .server.cli import run_server_command
+
+        return run_server_command(args, console)
+    if args.command == "sync":
+        return _sync(args, console)
     store = resolve_store(args.store)
     if args.command == "runs":
         import pandas as pd
@@ -123,6 +158,25 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"report of {result.result_name!r} written to {result.to_html(args.output)}")
         return 0
     return 2
+
+
+def _sync(args: argparse.Namespace, console: Console) -> int:
+    import os
+
+    from .store.remote import RemoteStore, sync_spool
+
+    endpoint = args.endpoint or os.environ.get("MLD_API_ENDPOINT")
+    if not endpoint:
+        console.print("[red]error:[/red] name the server: --endpoint URL or MLD_API_ENDPOINT")
+        return 2
+    store = RemoteStore(endpoint, spool_dir=args.spool)
+    before = len(store.spool.entries())
+    report = sync_spool(store)
+    console.print(f"sent {report.delivered} spooled upload(s) to {store.endpoint}; {report.remaining} still waiting "
+                  f"in {store.spool.directory}" + (f" ({before} entries found)" if before else ""))
+    for refused in report.refused:
+        console.print(f"[yellow]refused, set aside in failed/:[/yellow] {refused}")
+    return 1 if report.remaining or report.refused else 0
 
 
 if __name__ == "__main__":

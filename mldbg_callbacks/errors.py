@@ -27,6 +27,3 @@ class EpochNotRecordedError(MLDebuggerError, KeyError):
 class NoTracesError(MLDebuggerError, LookupError):
     """An evaluation was asked for a model/version/epoch that has no committed traces."""
 
-
-class RemoteStoreNotAvailable(MLDebuggerError, NotImplementedError):
-    """MLD_API_ENDPOINT points at a server, but the HTTP sink is not part of this version."""

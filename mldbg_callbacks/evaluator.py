@@ -20,7 +20,7 @@ from .evaluation.detection3d import evaluate_detection3d
 from .evaluation.pipeline import evaluate_classification
 from .evaluation.result import Result
 from .evaluation.selection import select_epochs
-from .store import LocalStore, resolve_store
+from .store import LocalStore, RemoteStore, resolve_store
 from .store.names import validate_name
 
 __all__ = ["Evaluator", "Result"]
@@ -38,7 +38,7 @@ class Evaluator:
         store: as for the tracers (``None``: MLD_API_ENDPOINT, else MLD_HOME, else ``./mldbg``).
     """
 
-    def __init__(self, model_name: str, version_name: str, *, store: str | os.PathLike | LocalStore | None = None):
+    def __init__(self, model_name: str, version_name: str, *, store: str | os.PathLike | LocalStore | RemoteStore | None = None):
         self.model_name = validate_name(model_name, "model_name")
         self.version_name = validate_name(version_name, "version_name")
         self.store = resolve_store(store)
@@ -49,40 +49,17 @@ class Evaluator:
 
         ``risk``: the error rate tolerated among accepted predictions; it sets the operating thresholds
         of the issue categories (docs/analysis.md). A result with the same ``result_name`` is replaced.
-        ``progress(stage, done, total)`` is called as the evaluation advances.
+        ``progress(stage, done, total)`` is called as the evaluation advances. Against a server, the
+        server evaluates (in its background worker) and this call polls it, then fetches the result.
         """
-        meta = self.store.read_meta(self.model_name, self.version_name)
-        task = meta.get("task")
-        if task not in EVALUATIONS:
-            raise NotImplementedError(f"evaluation of {task!r} traces is not available in this version "
-                                      f"(available: {sorted(EVALUATIONS)})")
-        partitions = self.store.partitions(self.model_name, self.version_name)
-        selection = select_epochs(partitions, n_epoch)
-        committed: dict[str, list[int]] = {}
-        for partition in partitions:
-            if partition.ranks_committed:
-                committed.setdefault(partition.dataset_type, []).append(partition.n_epoch)
-
-        def read(dataset_type: str, epoch: int, with_features: bool):
-            return self.store.read_traces(self.model_name, self.version_name, dataset_type, [epoch],
-                                          exclude_columns=() if with_features else ("features",))
-
-        evaluation = EVALUATIONS[task](read, meta, selection.epochs, committed, risk=risk, progress=progress)
-        if progress:
-            progress("saving", 1, 1)
-        name = validate_name(result_name, "result_name") if result_name else self._new_result_name(n_epoch)
-        result_meta = {
-            "result_name": name, "model_name": self.model_name, "version_name": self.version_name,
-            "task": meta["task"], "n_epoch": n_epoch, "risk": risk, "epochs": selection.epochs,
-            "notes": selection.notes + evaluation.notes, "thresholds": evaluation.thresholds,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "package_version": __version__,
-        }
-        tables = {name: getattr(evaluation, name) for name in ("samples", "metrics", "categories", "history",
-                                                                 "per_class", "tide", "images")
-                  if getattr(evaluation, name, None) is not None}
-        self.store.save_result(self.model_name, self.version_name, name, result_meta, tables)
-        return Result(result_meta, tables)
+        if result_name is not None:
+            validate_name(result_name, "result_name")
+        if isinstance(self.store, RemoteStore):
+            meta, tables = self.store.request_evaluation(self.model_name, self.version_name, result_name=result_name,
+                                                         n_epoch=n_epoch, risk=risk, progress=progress)
+            return Result(meta, tables)
+        return evaluate_and_save(self.store, self.model_name, self.version_name, result_name=result_name,
+                                 n_epoch=n_epoch, risk=risk, progress=progress)
 
     def list_results(self) -> pd.DataFrame:
         """Saved results, oldest first: name, creation time, requested and evaluated epochs."""
@@ -96,14 +73,53 @@ class Evaluator:
         meta, tables = self.store.load_result(self.model_name, self.version_name, result_name)
         return Result(meta, tables)
 
-    def _new_result_name(self, n_epoch: str | int | None) -> str:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        label = "all" if n_epoch is None else "latest" if n_epoch == "latest" else f"e{n_epoch}"
-        base = f"{self.version_name}-{stamp}-{label}"
-        existing = {m["result_name"] for m in self.store.list_results(self.model_name, self.version_name)}
-        name, k = base, 1
-        while name in existing:
-            k += 1
-            name = f"{base}-{k}"
-        return name
 
+def evaluate_and_save(store: LocalStore, model_name: str, version_name: str, *, result_name: str | None = None,
+                      n_epoch: str | int | None = "latest", risk: float = 0.05,
+                      progress: ProgressCallback | None = None) -> Result:
+    """Evaluate the traces of a version in ``store`` and save the result there (what ``mldbg serve`` runs too)."""
+    meta = store.read_meta(model_name, version_name)
+    task = meta.get("task")
+    if task not in EVALUATIONS:
+        raise NotImplementedError(f"evaluation of {task!r} traces is not available in this version "
+                                  f"(available: {sorted(EVALUATIONS)})")
+    partitions = store.partitions(model_name, version_name)
+    selection = select_epochs(partitions, n_epoch)
+    committed: dict[str, list[int]] = {}
+    for partition in partitions:
+        if partition.ranks_committed:
+            committed.setdefault(partition.dataset_type, []).append(partition.n_epoch)
+
+    def read(dataset_type: str, epoch: int, with_features: bool):
+        return store.read_traces(model_name, version_name, dataset_type, [epoch],
+                                 exclude_columns=() if with_features else ("features",))
+
+    evaluation = EVALUATIONS[task](read, meta, selection.epochs, committed, risk=risk, progress=progress)
+    if progress:
+        progress("saving", 1, 1)
+    name = validate_name(result_name, "result_name") if result_name else _new_result_name(store, model_name,
+                                                                                           version_name, n_epoch)
+    result_meta = {
+        "result_name": name, "model_name": model_name, "version_name": version_name,
+        "task": meta["task"], "n_epoch": n_epoch, "risk": risk, "epochs": selection.epochs,
+        "notes": selection.notes + evaluation.notes, "thresholds": evaluation.thresholds,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+    }
+    tables = {name: getattr(evaluation, name) for name in ("samples", "metrics", "categories", "history",
+                                                             "per_class", "tide", "images")
+              if getattr(evaluation, name, None) is not None}
+    store.save_result(model_name, version_name, name, result_meta, tables)
+    return Result(result_meta, tables)
+
+
+def _new_result_name(store: LocalStore, model_name: str, version_name: str, n_epoch: str | int | None) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    label = "all" if n_epoch is None else "latest" if n_epoch == "latest" else f"e{n_epoch}"
+    base = f"{version_name}-{stamp}-{label}"
+    existing = {m["result_name"] for m in store.list_results(model_name, version_name)}
+    name, k = base, 1
+    while name in existing:
+        k += 1
+        name = f"{base}-{k}"
+    return name

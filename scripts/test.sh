@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh dev
+bash scripts/setup_system.sh   # Chromium and PostgreSQL for the web UI and server tests
 export KERAS_BACKEND=torch HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 unset MLD_API_ENDPOINT MLD_API_KEY MLD_HOME
 

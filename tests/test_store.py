@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mldbg_callbacks.core.trace_core import TraceCore
-from mldbg_callbacks.errors import InvalidNameError, NoTracesError, RemoteStoreNotAvailable
-from mldbg_callbacks.store import LocalStore, resolve_store
+from mldbg_callbacks.errors import InvalidNameError, MLDebuggerError, NoTracesError
+from mldbg_callbacks.store import LocalStore, RemoteStore, resolve_store
 from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
 from mldbg_callbacks.core.vectors import decode_vectors, vector_table
@@ -293,23 +293,19 @@ def test_partitions_of_an_empty_store(tmp_path):
 
 
 # -- store resolution ------------------------------------------------------------------------------
-def test_api_endpoint_without_http_sink_says_how_to_use_the_local_store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLD_API_ENDPOINT", "https://api.example.invalid")
+def test_api_endpoint_selects_the_remote_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLD_API_ENDPOINT", "https://api.example.invalid/")
     monkeypatch.setenv("MLD_API_KEY", "mldbg_secret")
     monkeypatch.setenv("MLD_HOME", str(tmp_path / "home"))
-    for attempt in (lambda: resolve_store(None),
-                    lambda: ClassificationTracer(identity, MODEL, VERSION, feature_layer=False)):
-        with pytest.raises(RemoteStoreNotAvailable) as info:
-            attempt()
-        message = str(info.value)
-        assert "Unset MLD_API_ENDPOINT" in message and "local store" in message and "MLD_HOME" in message
-        assert "mldbg_secret" not in message
-        assert isinstance(info.value, NotImplementedError)
+    store = resolve_store(None)
+    assert isinstance(store, RemoteStore) and store.endpoint == "https://api.example.invalid"
+    assert isinstance(resolve_store("http://localhost:8000"), RemoteStore)
     assert not (tmp_path / "home").exists()
 
 
-def test_http_store_argument_is_refused(tmp_path):
-    with pytest.raises(RemoteStoreNotAvailable, match="local store"):
+def test_remote_store_without_key_names_the_fix(monkeypatch):
+    monkeypatch.delenv("MLD_API_KEY", raising=False)
+    with pytest.raises(MLDebuggerError, match="MLD_API_KEY.*mldbg keys create"):
         resolve_store("http://localhost:8000")
 
 

@@ -47,7 +47,9 @@ class TraceWarning(UserWarning):
 
 
 class TraceSink(Protocol):
-    """Where encoded rows go: a LocalStore run today, an HTTP sink later."""
+    """Where encoded rows go: a LocalStore ``RunWriter`` or a server's ``HttpSink``.
+
+    A sink may also have ``pending() -> SpoolStatus`` (what it holds for later delivery)."""
 
     def write_meta(self, meta: dict) -> None: ...
 
@@ -67,10 +69,13 @@ class TraceStats:
     duplicates_dropped: int = 0
     rows_skipped: dict = field(default_factory=collections.Counter)
     write_errors: int = 0
+    pending_uploads: int = 0  # remote sink: requests spooled on disk, not yet delivered to the server
+    pending_bytes: int = 0
 
     def copy(self) -> "TraceStats":
         return TraceStats(self.batches, self.rows_received, self.rows_written, self.duplicates_dropped,
-                          collections.Counter(self.rows_skipped), self.write_errors)
+                          collections.Counter(self.rows_skipped), self.write_errors, self.pending_uploads,
+                          self.pending_bytes)
 
     @property
     def total_skipped(self) -> int:
@@ -215,18 +220,26 @@ class TraceCore:
                     raise TraceWriteError("the tracing worker stopped unexpectedly; see the log above")
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"traces not saved within {timeout_s} s")
+        pending = self.sink.pending() if hasattr(self.sink, "pending") else None
         with self._lock:
             failures = [(k, e) for k, e in self._write_failures if epoch is None or k[1] == epoch]
             self._write_failures = [(k, e) for k, e in self._write_failures if (k, e) not in failures]
+            if pending is not None:
+                self._stats.pending_uploads, self._stats.pending_bytes = pending.entries, pending.bytes
             stats = self._stats.copy()
+        if pending is not None and pending.entries and "pending_uploads" not in self._warned:
+            self._warned.add("pending_uploads")
+            warnings.warn(f"mldbg-callbacks: {pending.entries} upload(s) ({pending.bytes} bytes) wait in the spool "
+                          f"{pending.directory} because the server did not answer; they are sent with the next "
+                          "upload, or run `mldbg sync` once the server is back (tracer.stats.pending_uploads)",
+                          TraceWarning, stacklevel=2)
         if failures:
             details = "; ".join(f"{k[0]} epoch {k[1]}: {e}" for k, e in failures[:5])
-            where = getattr(self.sink, "path", self.sink)
-            raise TraceWriteError(
-                f"{len(failures)} trace write(s) failed ({details}). Check that the store directory "
-                f"{where} (MLD_HOME or store=) is writable and has free space; the rows are kept in memory and "
-                "are written by the next wait_for_save()."
-            )
+            fix = getattr(self.sink, "failure_hint", None) or (
+                f"Check that the store directory {getattr(self.sink, 'path', self.sink)} (MLD_HOME or store=) is "
+                "writable and has free space")
+            raise TraceWriteError(f"{len(failures)} trace write(s) failed ({details}). {fix}; the rows are kept in "
+                                  "memory and are written by the next wait_for_save().")
         return stats
 
     def close(self, timeout_s: float | None = 60.0) -> None:
@@ -366,6 +379,11 @@ class TraceCore:
 
     def _flush(self, predicate) -> None:
         keys = [k for k in set(self._buffers) | set(self._spilled_parts) if predicate(k)]
+        if hasattr(self.sink, "retry_pending"):  # a remote sink: deliver what it spooled while the server was away
+            try:
+                self.sink.retry_pending()
+            except Exception as exc:  # noqa: BLE001 - reported by pending() in wait_for_save
+                log.warning("mldbg-callbacks: spooled uploads not delivered yet: %s", exc)
         if not keys:
             return
         try:

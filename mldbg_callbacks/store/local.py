@@ -252,15 +252,21 @@ class RunWriter:
         return (self.path / "traces" / f"dataset_type={validate_name(dataset_type, 'dataset_type')}"
                 / f"n_epoch={int(n_epoch)}" / f"rank={int(rank)}")
 
-    def write_part(self, dataset_type: str, n_epoch: int, rank: int, table: pa.Table) -> str:
+    def write_part(self, dataset_type: str, n_epoch: int, rank: int, table: pa.Table, name: str | None = None) -> str:
         """Write a part under a hidden name (``_pending-…``): Parquet readers that do not look at
         ``_COMMITTED`` (pyarrow.dataset, DuckDB, Spark skip ``_``-prefixed files) never see an
-        uncommitted part. ``commit`` renames it to its final name."""
-        self._part_seq += 1
-        name = f"part-{self._part_seq:05d}-{self._writer_id}.parquet"
+        uncommitted part. ``commit`` renames it to its final name. ``name``: a fixed part name (the
+        server names parts by chunk id, so an upload retried writes the same file)."""
+        if name is None:
+            self._part_seq += 1
+            name = f"part-{self._part_seq:05d}-{self._writer_id}.parquet"
         _atomic_write(self._rank_dir(dataset_type, n_epoch, rank) / f"{PENDING_PREFIX}{name}",
                       lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
         return name
+
+    def committed_parts(self, dataset_type: str, n_epoch: int, rank: int) -> list[str]:
+        marker = self._rank_dir(dataset_type, n_epoch, rank) / COMMIT_MARKER
+        return _read_json(marker)["parts"] if marker.is_file() else []
 
     def commit(self, dataset_type: str, n_epoch: int, rank: int, parts: list[str], rows: int,
                world_size: int) -> None:

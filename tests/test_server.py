@@ -1,0 +1,407 @@
+"""The team server (`mldbg serve`) and remote tracing: a real server process on loopback, real HTTP.
+
+Covers the REST API (auth, project scoping, uploads, commits, evaluations, results), the HttpSink
+(idempotent chunks, retries, spool, `mldbg sync`), and faults: bad keys, oversized or corrupt bodies,
+traversal names, a server killed mid-upload, a server that never answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import requests
+from server_utils import ServerProcess, free_port, running_server
+from sklearn.datasets import load_digits
+from sklearn.linear_model import SGDClassifier
+
+from mldbg_callbacks.errors import NoTracesError
+from mldbg_callbacks.evaluator import Evaluator
+from mldbg_callbacks.store import LocalStore, RemoteStore
+from mldbg_callbacks.store.remote import encode_chunk
+from mldbg_callbacks.training import ClassificationTracer
+
+MODEL, VERSION = "digits", "v1"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return x[:600].astype(np.float32), y[:600], np.array([f"d{i:04d}" for i in range(600)])
+
+
+def _train(tracer, digits, epochs: int = 3, seed: int = 0) -> None:
+    """Real SGD training on digits, traced on train and test every epoch."""
+    x, y, ids = digits
+    model = SGDClassifier(loss="log_loss", random_state=seed)
+    tracer.model = model.predict_proba
+    for epoch in range(epochs):
+        model.partial_fit(x[:450], y[:450], classes=np.arange(10))
+        for dataset, part in (("train", slice(0, 450)), ("test", slice(450, None))):
+            for start in range(part.start, part.stop or len(y), 64):
+                stop = min(start + 64, part.stop or len(y))
+                tracer(x[start:stop], y[start:stop], input_ids=ids[start:stop], dataset_type=dataset, n_epoch=epoch)
+
+
+def _tracer(store, **kwargs) -> ClassificationTracer:
+    return ClassificationTracer(lambda x: x, kwargs.pop("model_name", MODEL), kwargs.pop("version_name", VERSION),
+                                store=store, feature_layer=False, **kwargs)
+
+
+def _remote(server: ServerProcess, key: str, tmp_path, **kwargs) -> RemoteStore:
+    options = {"retries": 2, "backoff_s": 0.05, "offline_retry_s": 0.5, **kwargs}
+    return RemoteStore(server.url, key, spool_dir=tmp_path / "spool", **options)
+
+
+def _rows(store: LocalStore, dataset: str, epoch: int) -> pd.DataFrame:
+    table = store.read_traces(MODEL, VERSION, dataset, [epoch])
+    return table.to_pandas().drop(columns=["rank"]).sort_values("input_id").reset_index(drop=True)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    with running_server(tmp_path / "server") as process:
+        yield process
+
+
+# -- remote tracing and evaluation ------------------------------------------------------------------
+def test_traces_sent_to_a_server_equal_the_local_store_and_the_evaluator_runs_there(server, tmp_path, digits):
+    key = server.create_key("vision")
+    remote = _tracer(_remote(server, key, tmp_path))
+    _train(remote, digits)
+    stats = remote.wait_for_save()
+    assert stats.rows_written == 3 * 600 and stats.pending_uploads == 0 and stats.write_errors == 0
+    local = _tracer(tmp_path / "local")
+    _train(local, digits)
+    local.wait_for_save()
+
+    served = LocalStore(server.store / "vision")  # the server writes the local store layout, per project
+    for dataset in ("train", "test"):
+        for epoch in range(3):
+            pd.testing.assert_frame_equal(_rows(served, dataset, epoch), _rows(LocalStore(tmp_path / "local"), dataset, epoch))
+    assert served.read_meta(MODEL, VERSION)["task"] == "classification"
+
+    # The seed's evaluator code, unchanged, against the server (MLD_API_ENDPOINT + MLD_API_KEY)
+    env = {"MLD_API_ENDPOINT": server.url, "MLD_API_KEY": key}
+    os.environ.update(env)
+    try:
+        evaluator = Evaluator(model_name=MODEL, version_name=VERSION)
+        seen = []
+        result = evaluator.request_evaluation(result_name="remote", progress=lambda *a: seen.append(a))
+    finally:
+        for name in env:
+            os.environ.pop(name)
+    expected = Evaluator(MODEL, VERSION, store=tmp_path / "local").request_evaluation(result_name="remote")
+    pd.testing.assert_frame_equal(result.metrics_summary(), expected.metrics_summary())
+    pd.testing.assert_frame_equal(result.issue_category_summary(), expected.issue_category_summary())
+    pd.testing.assert_frame_equal(result.samples().sort_values(["dataset_type", "input_id"]).reset_index(drop=True),
+                                  expected.samples().sort_values(["dataset_type", "input_id"]).reset_index(drop=True),
+                                  check_like=True)
+    assert seen and seen[-1][0]  # progress came through the job's polling
+    store = _remote(server, key, tmp_path)
+    assert Evaluator(MODEL, VERSION, store=store).list_results()["result_name"].tolist() == ["remote"]
+    again = Evaluator(MODEL, VERSION, store=store).get_result("remote")
+    pd.testing.assert_frame_equal(again.metrics_summary(), result.metrics_summary())
+    assert store.list_models() == [MODEL] and store.list_versions(MODEL) == [VERSION]
+
+    # per-unit tables with paging and filters
+    headers = {"Authorization": f"Bearer {key}"}
+    base = f"{server.url}/v1/projects/vision/models/{MODEL}/versions/{VERSION}/results/remote/tables/samples"
+    samples = result.samples()
+    page = requests.get(base, params={"dataset_type": "test", "correct": "false", "limit": 7, "offset": 3},
+                        headers=headers).json()
+    wrong = samples[(samples["dataset_type"] == "test") & ~samples["correct"]]
+    assert page["total"] == len(wrong) and len(page["rows"]) == min(7, len(wrong) - 3)
+    assert [r["input_id"] for r in page["rows"]] == wrong["input_id"].tolist()[3:10]
+    category = samples["category"].iloc[0]
+    by_category = requests.get(base, params={"category": category, "limit": 1}, headers=headers).json()
+    assert by_category["total"] == int((samples["category"] == category).sum())
+
+    with pytest.raises(NoTracesError, match="nothing"):
+        Evaluator("nothing", "v1", store=store).request_evaluation()
+
+
+def test_failed_evaluation_is_reported_through_the_job(server, tmp_path, digits):
+    key = server.create_key("vision")
+    tracer = _tracer(_remote(server, key, tmp_path))
+    _train(tracer, digits, epochs=1)
+    tracer.wait_for_save()
+    with pytest.raises(NoTracesError, match="n_epoch=7|epoch 7|7"):
+        Evaluator(MODEL, VERSION, store=_remote(server, key, tmp_path)).request_evaluation(n_epoch=7)
+
+
+# -- auth and project scoping -----------------------------------------------------------------------
+def test_keys_are_required_hashed_scoped_and_revocable(server, tmp_path, digits):
+    key_a, key_b = server.create_key("alpha"), server.create_key("beta")
+    tracer = _tracer(_remote(server, key_a, tmp_path))
+    _train(tracer, digits, epochs=1)
+    tracer.wait_for_save()
+    models = f"{server.url}/v1/projects/alpha/models"
+    version = f"{server.url}/v1/projects/alpha/models/{MODEL}/versions/{VERSION}"
+
+    assert requests.get(f"{server.url}/v1/health").json()["status"] == "ok"  # the one route without a key
+    assert requests.get(models).status_code == 401
+    assert requests.get(models, headers={"Authorization": "Bearer mldbg_nope"}).status_code == 401
+    forged = key_a[:-4] + ("AAAA" if not key_a.endswith("AAAA") else "BBBB")
+    assert requests.get(models, headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    assert requests.get(models, headers={"X-API-Key": key_a}).json() == [{"model_name": MODEL, "versions": [VERSION]}]
+
+    # project B's key on project A: the same 404 as a project that does not exist, nothing leaks
+    as_b = requests.get(version, headers={"Authorization": f"Bearer {key_b}"})
+    missing = requests.get(f"{server.url}/v1/projects/gamma/models/{MODEL}/versions/{VERSION}",
+                           headers={"Authorization": f"Bearer {key_b}"})
+    assert as_b.status_code == missing.status_code == 404
+    assert MODEL not in as_b.text and "alpha" in as_b.text  # names the asked project only
+    assert requests.get(f"{server.url}/v1/projects/beta/models", headers={"Authorization": f"Bearer {key_b}"}).json() == []
+
+    # the database holds a hash, never the key
+    with sqlite3.connect(server.store / ".mldbg-server.db") as conn:
+        stored = [str(value) for row in conn.execute("SELECT * FROM api_keys") for value in row]
+    assert not any(key_a in value or key_a.split("_")[2] in value for value in stored)
+    assert hashlib.sha256(key_a.encode()).hexdigest() in stored
+
+    # revoke through the CLI: 403 from then on, and the tracer's writes fail with the fix named
+    key_id = key_a.split("_")[1]
+    revoked = subprocess.run([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(server.store), "keys",
+                              "revoke", key_id], capture_output=True, text=True)
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    assert requests.get(models, headers={"Authorization": f"Bearer {key_a}"}).status_code == 403
+    listed = subprocess.run([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(server.store), "keys", "list"],
+                            capture_output=True, text=True).stdout
+    assert f"{key_id}  alpha  revoked" in listed and key_a not in listed
+    tracer2 = _tracer(_remote(server, key_a, tmp_path), version_name="v2")
+    _train(tracer2, digits, epochs=1)
+    with pytest.raises(Exception, match="403.*revoked"):
+        tracer2.wait_for_save()
+    assert tracer2.stats.pending_uploads == 0  # a refusal is not spooled: it could never succeed as is
+
+
+def test_keys_create_cli_prints_a_working_key(tmp_path):
+    created = subprocess.run([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(tmp_path / "s"), "keys",
+                              "create", "--project", "team"], capture_output=True, text=True)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("mldbg_")
+    with running_server(tmp_path / "s") as server:
+        answer = requests.get(f"{server.url}/v1/whoami", headers={"Authorization": f"Bearer {key}"})
+        assert answer.json() == {"project": "team", "auth": True}
+    bad = subprocess.run([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(tmp_path / "s"), "keys",
+                          "create", "--project", "../x"], capture_output=True, text=True)
+    assert bad.returncode == 1 and ".." in bad.stdout
+
+
+# -- uploads: bad input -----------------------------------------------------------------------------
+def _chunk(rows: int = 5) -> bytes:
+    return encode_chunk(pa.table({"input_id": [f"i{k}" for k in range(rows)], "label": list(range(rows))}))
+
+
+def test_bad_uploads_are_refused_and_nothing_is_stored(tmp_path):
+    with running_server(tmp_path / "srv", extra=("--max-upload-mb", "0.05")) as server:
+        key = server.create_key("p")
+        headers = {"Authorization": f"Bearer {key}"}
+        arrow = {**headers, "Content-Type": "application/vnd.apache.arrow.stream"}
+        base = f"{server.url}/v1/projects/p/models/m/versions/v"
+        traces = base + "/traces/train/0/0"
+
+        def put(body: bytes, chunk_id: str | None = None, url: str = traces):
+            return requests.put(f"{url}/chunks/{chunk_id or hashlib.sha256(body).hexdigest()}", data=body,
+                                headers=arrow)
+
+        big = encode_chunk(pa.table({"input_id": [f"{k:08d}" for k in range(20000)],
+                                     "x": np.random.default_rng(0).normal(size=20000)}))
+        assert len(big) > 0.05 * (1 << 20)
+        assert put(big).status_code == 413
+        streamed = requests.put(f"{traces}/chunks/{hashlib.sha256(big).hexdigest()}", headers=arrow,
+                                data=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]))  # no Content-Length
+        assert streamed.status_code == 413
+        assert put(b"not arrow at all").status_code == 400
+        assert put(_chunk()[:-20]).status_code == 400  # truncated stream
+        good = _chunk()
+        assert put(good, chunk_id="0" * 64).status_code == 400  # id is not the body's hash
+        no_id = encode_chunk(pa.table({"label": [1, 2]}))
+        assert "input_id" in put(no_id).json()["detail"]
+        odd = encode_chunk(pa.table({"input_id": ["a"], "x": pa.array([{"k": 1}])}))
+        assert put(odd).status_code == 400
+        assert not list((server.store / "p").rglob("*.parquet")) if (server.store / "p").exists() else True
+
+        # the same chunk twice: stored once; commit twice: counted once
+        first, second = put(good), put(good)
+        assert first.json()["stored"] is True and second.json()["stored"] is False
+        chunk_id = hashlib.sha256(good).hexdigest()
+        missing = requests.post(f"{traces}/commit", json={"parts": ["f" * 64]}, headers=headers)
+        assert missing.status_code == 409 and "f" * 64 in missing.text, missing.text
+        for _ in range(2):
+            assert requests.post(f"{traces}/commit", json={"parts": [chunk_id], "world_size": 1},
+                                 headers=headers).ok
+        assert requests.put(base + "/meta", json={"task": "classification", "num_classes": 10}, headers=headers).ok
+        store = LocalStore(server.store / "p")
+        assert store.read_traces("m", "v", "train", [0]).num_rows == 5
+        assert store.partitions("m", "v")[0].rows == 5
+        assert len(list((server.store / "p").rglob("*.parquet"))) == 1
+
+        # strict JSON bodies: unknown fields, wrong types
+        assert requests.post(f"{traces}/commit", json={"parts": [chunk_id], "extra": 1}, headers=headers).status_code == 422
+        assert requests.post(f"{traces}/commit", json={"parts": chunk_id}, headers=headers).status_code == 422
+        assert requests.post(base + "/evaluations", json={"n_epoch": "soon"}, headers=headers).status_code == 422
+        assert requests.put(base + "/meta", json={"task": "object_detection"}, headers=headers).status_code == 409
+        assert requests.put(base + "/meta", json={"no": "task"}, headers=headers).status_code == 400
+        assert requests.post(f"{traces}/commit", data="x" * 2_000_000, headers=headers).status_code == 413
+
+
+@pytest.mark.parametrize("name", ["..", "a..b", "%2e%2e", "a%2Fb", "a%00b", "%00", ".hidden", "a%5Cb"])
+def test_names_cannot_escape_the_store(server, name):
+    key = server.create_key("p")
+    headers = {"Authorization": f"Bearer {key}"}
+    body = _chunk()
+    chunk_id = hashlib.sha256(body).hexdigest()
+    urls = [f"{server.url}/v1/projects/p/models/{name}/versions/v/traces/train/0/0/chunks/{chunk_id}",
+            f"{server.url}/v1/projects/p/models/m/versions/{name}/traces/train/0/0/chunks/{chunk_id}",
+            f"{server.url}/v1/projects/p/models/m/versions/v/traces/{name}/0/0/chunks/{chunk_id}",
+            f"{server.url}/v1/projects/{name}/models/m/versions/v/traces/train/0/0/chunks/{chunk_id}"]
+    for url in urls:
+        answer = requests.put(url, data=body, headers=headers)
+        assert answer.status_code in (400, 404, 422), (url, answer.status_code, answer.text)
+    result_url = f"{server.url}/v1/projects/p/models/m/versions/v/results/{name}"
+    assert requests.get(result_url, headers=headers).status_code in (400, 404, 422)
+    files = [p for p in server.store.parent.rglob("*") if p.is_file()]
+    assert all(p.is_relative_to(server.store) for p in files)
+    assert not list(server.store.rglob("*.parquet"))
+
+
+def test_openapi_schema_is_published_and_lists_the_api(server):
+    schema = requests.get(f"{server.url}/v1/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/v1/health", "/v1/projects/{project}/models/{model}/versions/{version}/evaluations",
+                 "/v1/projects/{project}/models/{model}/versions/{version}/traces/{dataset_type}/{n_epoch}/{rank}/chunks/{chunk_id}",
+                 "/v1/projects/{project}/models/{model}/versions/{version}/results/{result}/tables/{table}"):
+        assert path in paths
+    assert "CommitRequest" in schema["components"]["schemas"]
+
+
+# -- faults: the server goes away -------------------------------------------------------------------
+def test_server_killed_mid_upload_then_restarted_nothing_lost_or_duplicated(tmp_path, digits):
+    server = ServerProcess(tmp_path / "srv", free_port()).start()
+    try:
+        key = server.create_key("vision")
+        store = _remote(server, key, tmp_path)
+        tracer = _tracer(store)
+        tracer.core.rows_per_part = 40  # many chunks per epoch: the kill lands between uploads
+        x, y, ids = digits
+        model = SGDClassifier(loss="log_loss", random_state=0).partial_fit(x, y, classes=np.arange(10))
+        tracer.model = model.predict_proba
+        for epoch in range(3):
+            for start in range(0, 600, 50):
+                if epoch == 1 and start == 300:
+                    server.kill()  # SIGKILL in the middle of epoch 1's uploads
+                tracer(x[start:start + 50], y[start:start + 50], input_ids=ids[start:start + 50], n_epoch=epoch)
+            if epoch == 1:
+                with pytest.warns(UserWarning, match="spool"):
+                    pending = tracer.wait_for_save(n_epoch=1)
+                assert pending.pending_uploads > 0
+                server.start()  # same port, same store
+        stats = tracer.wait_for_save()
+        assert stats.pending_uploads == 0 and stats.rows_written == 1800 and stats.write_errors == 0
+        served = LocalStore(server.store / "vision")
+        for epoch in range(3):
+            rows = served.read_traces(MODEL, VERSION, "train", [epoch]).column("input_id").to_pylist()
+            assert sorted(rows) == sorted(ids.tolist())  # every row once
+            assert served.partitions(MODEL, VERSION)[epoch].rows == 600
+        assert not list(store.spool.directory.rglob("*.json"))
+    finally:
+        server.stop()
+
+
+def test_server_unreachable_for_the_whole_run_spools_then_mldbg_sync_delivers(tmp_path, digits):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spool = tmp_path / "spool"
+    key_holder = ServerProcess(tmp_path / "srv", port)
+    key = key_holder.create_key("vision")
+    store = RemoteStore(url, key, spool_dir=spool, retries=1, backoff_s=0.05)
+    tracer = _tracer(store)
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="spool"):
+        _train(tracer, digits)
+        stats = tracer.wait_for_save()
+    assert time.monotonic() - started < 60  # one failed attempt, then straight to the spool
+    assert stats.pending_uploads >= 3 * 2 * 2 and stats.write_errors == 0  # chunk + commit per partition
+    env = {**os.environ, "MLD_API_KEY": key, "MLD_SPOOL_DIR": str(spool)}
+    cli = [sys.executable, "-m", "mldbg_callbacks.cli", "sync", "--endpoint", url]
+    down = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert down.returncode == 1 and "still waiting" in down.stdout
+
+    key_holder.start()
+    try:
+        synced = subprocess.run(cli, env=env, capture_output=True, text=True)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        assert not list(spool.rglob("*.json"))
+        served = LocalStore(key_holder.store / "vision")
+        local = _tracer(tmp_path / "local")
+        _train(local, digits)
+        local.wait_for_save()
+        for dataset in ("train", "test"):
+            for epoch in range(3):
+                pd.testing.assert_frame_equal(_rows(served, dataset, epoch),
+                                              _rows(LocalStore(tmp_path / "local"), dataset, epoch))
+        again = subprocess.run(cli, env=env, capture_output=True, text=True)  # nothing left: a no-op
+        assert again.returncode == 0 and "sent 0" in again.stdout
+    finally:
+        key_holder.stop()
+
+
+def test_spool_is_bounded(tmp_path, digits):
+    store = RemoteStore(f"http://127.0.0.1:{free_port()}", "mldbg_x", spool_dir=tmp_path / "spool", retries=0,
+                        max_spool_mb=0.01)
+    tracer = _tracer(store)
+    with pytest.warns(UserWarning):
+        _train(tracer, digits, epochs=2)
+        with pytest.raises(Exception, match="spool .* is full"):
+            tracer.wait_for_save()
+    size = sum(p.stat().st_size for p in (tmp_path / "spool").rglob("*") if p.is_file())
+    assert size <= 0.01 * (1 << 20)
+
+
+def test_remote_store_pickles_for_ddp_workers(tmp_path):
+    import copy
+    import pickle
+
+    store = RemoteStore("http://127.0.0.1:9", "mldbg_x", spool_dir=tmp_path)
+    tracer = _tracer(store)
+    clone = pickle.loads(pickle.dumps(tracer.core.sink))
+    assert clone.store.endpoint == store.endpoint and clone.pending().entries == 0
+    assert copy.deepcopy(store).client.api_key == "mldbg_x"
+
+
+def test_ui_binds_loopback_only(tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(tmp_path), "ui", "--host",
+                              "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "mldbg serve" in refused.stdout
+
+
+def test_ui_serves_a_local_store_without_keys(tmp_path, digits):
+    tracer = _tracer(tmp_path / "store")
+    _train(tracer, digits, epochs=1)
+    tracer.wait_for_save()
+    with running_server(tmp_path / "store", command="ui") as ui:
+        assert requests.get(f"{ui.url}/v1/whoami").json() == {"project": "local", "auth": False}
+        versions = requests.get(f"{ui.url}/v1/projects/local/models/{MODEL}/versions").json()
+        assert versions[0]["epochs"] == {"test": [0], "train": [0]}
+        assert requests.get(f"{ui.url}/v1/projects/other/models").status_code == 404
+        job = requests.post(f"{ui.url}/v1/projects/local/models/{MODEL}/versions/{VERSION}/evaluations",
+                            json={"result_name": "r1"}).json()
+        for _ in range(200):
+            state = requests.get(f"{ui.url}/v1/projects/local/jobs/{job['job_id']}").json()
+            if state["status"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+        assert state["status"] == "done", state
+    result = Evaluator(MODEL, VERSION, store=tmp_path / "store").get_result("r1")
+    assert len(result.metrics_summary()) == 2  # saved in the local store itself
