@@ -26,3 +26,7 @@ def store_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "http_errors(*statuses): HTTP error statuses a browser test provokes on purpose")

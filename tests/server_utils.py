@@ -28,7 +28,7 @@ def free_port() -> int:
 class ServerProcess:
     """A server subprocess; ``stop()`` / ``kill()`` / ``start()`` again on the same port and store."""
 
-    store: Path
+    store: Path | str  # a directory, or an fsspec URL (then ``db`` is required)
     port: int
     command: str = "serve"
     db: str | None = None
@@ -82,8 +82,8 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(store: Path, *, command: str = "serve", db: str | None = None, extra: tuple = ()):
-    server = ServerProcess(Path(store), free_port(), command=command, db=db, extra=extra).start()
+def running_server(store: Path | str, *, command: str = "serve", db: str | None = None, extra: tuple = ()):
+    server = ServerProcess(store, free_port(), command=command, db=db, extra=extra).start()
     try:
         yield server
     finally:

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -42,13 +43,13 @@ def _train(tracer, digits, epochs: int = 3, seed: int = 0) -> None:
     """Real SGD training on digits, traced on train and test every epoch."""
     x, y, ids = digits
     model = SGDClassifier(loss="log_loss", random_state=seed)
-    tracer.model = model.predict_proba
     for epoch in range(epochs):
         model.partial_fit(x[:450], y[:450], classes=np.arange(10))
         for dataset, part in (("train", slice(0, 450)), ("test", slice(450, None))):
             for start in range(part.start, part.stop or len(y), 64):
                 stop = min(start + 64, part.stop or len(y))
-                tracer(x[start:stop], y[start:stop], input_ids=ids[start:stop], dataset_type=dataset, n_epoch=epoch)
+                tracer.record(model.predict_proba(x[start:stop]), y[start:stop], input_ids=ids[start:stop],
+                              dataset_type=dataset, n_epoch=epoch)
 
 
 def _tracer(store, **kwargs) -> ClassificationTracer:
@@ -405,3 +406,62 @@ def test_ui_serves_a_local_store_without_keys(tmp_path, digits):
         assert state["status"] == "done", state
     result = Evaluator(MODEL, VERSION, store=tmp_path / "store").get_result("r1")
     assert len(result.metrics_summary()) == 2  # saved in the local store itself
+
+
+def test_lightning_callback_sends_its_traces_to_the_server_named_by_the_environment(server, tmp_path, monkeypatch):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning_ddp_script import MODEL as L_MODEL, VERSION as L_VERSION, DigitsMLP, digits_arrays, digits_loaders
+
+    from mldbg_callbacks.core.trace_core import TraceWarning
+    from mldbg_callbacks.integrations.lightning import MLDebuggerCallback
+
+    key = server.create_key("team")
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"MLD_API_ENDPOINT": server.url, "MLD_API_KEY": key, "MLD_SPOOL_DIR": str(tmp_path / "spool")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MLD_HOME", raising=False)
+    callback = MLDebuggerCallback(L_MODEL, L_VERSION)
+    trainer = pl.Trainer(callbacks=[callback], accelerator="cpu", devices=1, max_epochs=2, enable_progress_bar=False,
+                         logger=False, enable_checkpointing=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TraceWarning)
+        trainer.fit(DigitsMLP(), *digits_loaders(batch_size=64, val_batch_size=100))
+    served = LocalStore(server.store / "team")
+    data = digits_arrays()
+    for dataset in ("train", "val"):
+        for epoch in range(2):
+            ids = served.read_traces(L_MODEL, L_VERSION, dataset, [epoch]).column("input_id").to_pylist()
+            assert sorted(ids) == sorted(str(i) for i in data[dataset][2])
+    assert callback.stats.pending_uploads == 0
+    assert not (tmp_path / "mldbg").exists() and not list((tmp_path / "spool").rglob("*.json"))
+
+
+def test_tracer_evaluator_and_server_on_an_fsspec_url_equal_the_local_directory(tmp_path, digits):
+    """The store may be any fsspec URL (here ``memory://``): the same traces and the same evaluation."""
+    url = f"memory://mldbg-test-{os.getpid()}-{tmp_path.name}"
+    on_url = _tracer(url)
+    _train(on_url, digits, epochs=2)
+    assert on_url.wait_for_save().rows_written == 2 * 600
+    local = _tracer(tmp_path / "local")
+    _train(local, digits, epochs=2)
+    local.wait_for_save()
+    for dataset in ("train", "test"):
+        for epoch in range(2):
+            pd.testing.assert_frame_equal(_rows(LocalStore(url), dataset, epoch),
+                                          _rows(LocalStore(tmp_path / "local"), dataset, epoch))
+    expected = Evaluator(MODEL, VERSION, store=tmp_path / "local").request_evaluation(result_name="r")
+    result = Evaluator(MODEL, VERSION, store=url).request_evaluation(result_name="r")
+    pd.testing.assert_frame_equal(result.metrics_summary(), expected.metrics_summary())
+    again = Evaluator(MODEL, VERSION, store=url).get_result("r")
+    pd.testing.assert_frame_equal(again.issue_category_summary(), expected.issue_category_summary())
+
+    # a server whose store is a URL (the metadata database must then be named)
+    with pytest.raises(RuntimeError, match="--db"):
+        ServerProcess("memory://no-db", free_port()).start()
+    with running_server("memory://served", db=f"sqlite:///{tmp_path / 'server.db'}") as server:
+        key = server.create_key("vision")
+        remote = _tracer(_remote(server, key, tmp_path))
+        _train(remote, digits, epochs=2)
+        assert remote.wait_for_save().pending_uploads == 0
+        served = Evaluator(MODEL, VERSION, store=_remote(server, key, tmp_path)).request_evaluation(result_name="r")
+    pd.testing.assert_frame_equal(served.metrics_summary(), expected.metrics_summary())

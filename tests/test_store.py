@@ -171,12 +171,11 @@ def test_failed_commit_keeps_previous_marker(tmp_path, monkeypatch):
     marker = rank_dir(tmp_path) / "_COMMITTED"
     before = marker.read_bytes()
 
-    def broken_dump(data, handle, **kwargs):
-        handle.write('{"parts": [')
+    def broken_fsync(fd):  # the new marker is written to its temporary file, then the disk fails
         raise OSError(5, "I/O error")
 
     part2 = writer.write_part("train", 0, 0, small_table(range(4, 8)))
-    monkeypatch.setattr(local.json, "dump", broken_dump)
+    monkeypatch.setattr(local.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="I/O error"):
         writer.commit("train", 0, 0, [part2], 4, 1)
     monkeypatch.undo()

@@ -94,12 +94,15 @@ def save_label_tracker_plot(store, model_name: str, version_name: str, path=None
     """Draw the LabelTracker graph straight from the committed traces and save it as a PNG.
 
     The framework callbacks call this at training end. Default path:
-    ``<store>/<model>/<version>/label_tracker_<dataset_type>_<metric>.png``. Returns the path.
+    ``<store>/<model>/<version>/label_tracker_<dataset_type>_<metric>.png``. Returns the path, or None
+    for a team server, whose web UI draws the curves from each evaluation (nothing is drawn locally).
     """
-    from ..store import resolve_store
+    from ..store import RemoteStore, resolve_store
     from .classification import drop_duplicate_units, load_units, unit_signals
 
     store = resolve_store(store)
+    if isinstance(store, RemoteStore) and path is None:
+        return None
     meta = store.read_meta(model_name, version_name)
     epochs = sorted(p.n_epoch for p in store.partitions(model_name, version_name)
                     if p.dataset_type == dataset_type and p.ranks_committed)

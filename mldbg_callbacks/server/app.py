@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..errors import InvalidNameError, MLDebuggerError, NoTracesError
 from ..evaluation.result import Result
-from ..store.local import LocalStore
+from ..store.local import LocalStore, store_path
 from ..store.names import validate_name
 from .db import Database
 from .uploads import UploadError, read_chunk
@@ -46,8 +46,9 @@ class ServerConfig:
     """Settings of one server process.
 
     Args:
-        store: the directory holding one store per project.
-        db: SQLAlchemy URL of the metadata (default: SQLite at ``<store>/.mldbg-server.db``).
+        store: the directory (or fsspec URL) holding one store per project.
+        db: SQLAlchemy URL of the metadata (default: SQLite at ``<store>/.mldbg-server.db``; required
+            when the store is a URL).
         max_chunk_bytes: largest upload body accepted (413 beyond).
         max_json_bytes: largest JSON body accepted.
         local: ``mldbg ui`` mode: no keys, one project ``local`` whose store is ``store`` itself.
@@ -62,7 +63,10 @@ class ServerConfig:
     def database_url(self) -> str:
         if self.db:
             return self.db
-        root = Path(self.store).expanduser().resolve()
+        root = store_path(self.store)
+        if not isinstance(root, Path) or getattr(root, "protocol", ""):
+            raise MLDebuggerError(f"the store {self.store} is a URL: name the metadata database with --db "
+                                   "sqlite:///path/server.db or --db postgresql://…")
         root.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{root / '.mldbg-server.db'}"
 
@@ -91,7 +95,7 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.root = Path(config.store).expanduser().resolve()
+        self.root = store_path(config.store)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = Database(config.database_url())
         self.db.fail_unfinished_jobs()
@@ -100,6 +104,10 @@ class Server:
         self.commit_lock = threading.Lock()  # commits read-modify-write a rank's marker
         self._results: collections.OrderedDict = collections.OrderedDict()
         self._results_lock = threading.Lock()
+
+    def public(self, error: Exception) -> str:
+        """An error message for a client: the server's own directory is not theirs to see."""
+        return str(error).replace(str(self.root), "<store>")
 
     def store(self, project: str) -> LocalStore:
         if self.config.local:
@@ -114,7 +122,7 @@ class Server:
         path = store.results_dir(model, version) / validate_name(name, "result_name") / "result.json"
         if not path.is_file():
             raise HTTPException(404, f"no result {name!r} for {model}/{version}")
-        key = (project, model, version, name, path.stat().st_mtime_ns)
+        key = (project, model, version, name, path.read_text())  # a result saved again under its name: reloaded
         with self._results_lock:
             if key in self._results:
                 self._results.move_to_end(key)
@@ -201,15 +209,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(InvalidNameError)
     async def _invalid_name(_request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": server.public(exc)}, status_code=400)
 
     @app.exception_handler(NoTracesError)
     async def _missing(_request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return JSONResponse({"detail": server.public(exc)}, status_code=404)
 
     @app.exception_handler(MLDebuggerError)
     async def _bad_request(_request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": server.public(exc)}, status_code=400)
 
     def project_access(request: Request, project: Name) -> str:
         """The project in the path, if the request's key belongs to it (health needs no key)."""
@@ -513,6 +521,6 @@ def _run_job(server: Server, job_id: str, store: LocalStore, model: str, version
                                    risk=request.risk, progress=progress)
         server.db.update_job(job_id, status="done", result_name=result.result_name)
     except Exception as exc:  # noqa: BLE001 - reported to the client through the job
-        server.db.update_job(job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        server.db.update_job(job_id, status="failed", error=f"{type(exc).__name__}: {server.public(exc)}")
     finally:
         server.progress.pop(job_id, None)

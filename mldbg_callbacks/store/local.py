@@ -1,5 +1,8 @@
 """LocalStore: the embedded default store, a directory of Hive-partitioned Parquet files.
 
+The directory is a local path or any fsspec URL (``s3://bucket/runs``, ``gs://…``, ``memory://…``; the
+URL's fsspec driver, e.g. s3fs, must be installed), so many training nodes can write to one run.
+
 Layout (Parquet is the contract: DuckDB, pandas, Spark and Polars read a run without this package)::
 
     <root>/<model>/<version>/_meta.json                       task, classes, ... of the traces
@@ -7,8 +10,8 @@ Layout (Parquet is the contract: DuckDB, pandas, Spark and Polars read a run wit
     <root>/<model>/<version>/traces/dataset_type=<t>/n_epoch=<e>/rank=<r>/_COMMITTED
     <root>/<model>/<version>/results/<result_name>/{result.json, samples.parquet, ...}
 
-Every file is written under a temporary name, fsync'ed and renamed, so a reader never sees half a
-file. Parts spilled before their epoch commits carry a ``_pending-`` prefix, which Parquet readers
+Every local file is written under a temporary name, fsync'ed and renamed (an object store publishes an
+object only once it is complete), so a reader never sees half a file. Parts spilled before their epoch commits carry a ``_pending-`` prefix, which Parquet readers
 skip; committing renames them and writes ``_COMMITTED`` (JSON): the parts a rank made durable and the
 world size it ran with. This package's reader uses only listed parts, so parts of an epoch still
 running (or of a crashed run) stay invisible. An epoch is *complete* when as many ranks committed as the largest world size recorded.
@@ -42,9 +45,32 @@ PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1, "use_dictionar
                    "write_statistics": ["input_id", "label"]}
 
 
+def store_path(root: str | os.PathLike) -> Path:
+    """A local directory as an absolute ``Path``; any other fsspec URL (``s3://``, ``gs://``, ``memory://``…)
+    as a ``UPath`` (universal_pathlib), which has the same API over the URL's file system."""
+    if getattr(root, "protocol", "") not in ("", "file", "local"):  # already a UPath
+        return root
+    text = os.fspath(root)
+    if "://" in text and not text.startswith("file://"):
+        from upath import UPath
+
+        return UPath(text)
+    return Path(text.removeprefix("file://")).expanduser().resolve()
+
+
+def _is_local(path: Path) -> bool:
+    return getattr(path, "protocol", "") in ("", "file", "local")
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` then rename over ``path`` (same directory, same filesystem)."""
+    """Write through ``write(target)`` so that no reader sees half a file. Locally: a temporary name in the
+    same directory, fsync, rename. Object stores make a single object visible only once it is complete,
+    so there ``write`` gets the object's binary handle."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not _is_local(path):
+        with path.open("wb") as handle:
+            write(handle)
+        return
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     os.close(fd)
     try:
@@ -59,16 +85,45 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True, default=str)
+    text = json.dumps(data, indent=1, sort_keys=True, default=str).encode("utf-8")
+
+    def write(target: Any) -> None:
+        if isinstance(target, str):
+            with open(target, "wb") as handle:
+                handle.write(text)
+        else:
+            target.write(text)
 
     _atomic_write(path, write)
 
 
 def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_parquet(path: Path, **kwargs: Any) -> pa.Table:
+    # partitioning=None: some pyarrow versions add the hive keys of the path as columns
+    if _is_local(path):
+        return pq.read_table(path, partitioning=None, **kwargs)
+    return pq.read_table(path.path, filesystem=path.fs, partitioning=None, **kwargs)
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    return (pq.read_schema(path) if _is_local(path) else pq.read_schema(path.path, filesystem=path.fs)).names
+
+
+def _rename(source: Path, target: Path) -> None:
+    if _is_local(source):
+        os.replace(source, target)
+    else:
+        source.rename(target)
+
+
+def _remove_tree(path: Path) -> None:
+    if _is_local(path):
+        shutil.rmtree(path)
+    else:
+        path.fs.rm(path.path, recursive=True)
 
 
 @dataclass(frozen=True)
@@ -91,7 +146,7 @@ class LocalStore:
     """A store rooted at a local directory. ``LocalStore(root).run(model, version)`` is a trace sink."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).expanduser().resolve()
+        self.root = store_path(root)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -166,9 +221,8 @@ class LocalStore:
                 rank = int(rank_dir.name.split("=", 1)[1])
                 for part in _read_json(marker)["parts"]:
                     path = rank_dir / part
-                    columns = [c for c in pq.read_schema(path).names if c not in exclude] if exclude else None
-                    # partitioning=None: some pyarrow versions add the hive keys of the path as columns
-                    table = pq.read_table(path, columns=columns, partitioning=None)
+                    columns = [c for c in _parquet_columns(path) if c not in exclude] if exclude else None
+                    table = _read_parquet(path, columns=columns)
                     table = table.append_column("n_epoch", pa.array([int(epoch)] * table.num_rows, pa.int64()))
                     tables.append(table.append_column("rank", pa.array([rank] * table.num_rows, pa.int64())))
         if not tables:
@@ -213,11 +267,11 @@ class LocalStore:
             raise NoTracesError(f"no result named {result_name!r} for {model_name}/{version_name}; "
                                 f"results there: {names or 'none'}")
         meta = _read_json(target / "result.json")
-        tables = {name: pq.read_table(target / f"{name}.parquet").to_pandas() for name in meta["tables"]}
+        tables = {name: _read_parquet(target / f"{name}.parquet").to_pandas() for name in meta["tables"]}
         return meta, tables
 
     def delete_result(self, model_name: str, version_name: str, result_name: str) -> None:
-        shutil.rmtree(self.results_dir(model_name, version_name) / validate_name(result_name, "result_name"))
+        _remove_tree(self.results_dir(model_name, version_name) / validate_name(result_name, "result_name"))
 
 
 class RunWriter:
@@ -274,7 +328,7 @@ class RunWriter:
         for part in parts:
             pending = rank_dir / f"{PENDING_PREFIX}{part}"
             if pending.exists():  # absent when a previous commit of the same parts got this far
-                os.replace(pending, rank_dir / part)
+                _rename(pending, rank_dir / part)
         marker = rank_dir / COMMIT_MARKER
         rank_dir.mkdir(parents=True, exist_ok=True)
         previous = _read_json(marker) if marker.is_file() else {"parts": [], "rows": 0}
