@@ -9,9 +9,14 @@ subprocess on loopback (SQLite metadata, its store in a temporary directory):
 2. ``training``: the MLP training loop of benchmarks/overhead.py, epochs interleaved in rotating order:
    plain, traced into the local store, traced to the server. Median epoch times, the ratios traced /
    plain for both sinks, and remote / local (uploads run on the tracing worker, off the training thread,
-   so the remote ratio should equal the local one), plus ``wait_for_save()`` per epoch.
+   so the remote ratio should equal the local one), plus ``wait_for_save()`` per epoch. CPU seconds per
+   epoch of the training thread (the hot path), of the whole training process (client side: training
+   plus the tracing worker) and of the server process: on one machine the loopback server's work
+   (decoding, Parquet writing) competes with training for the same cores, which a real deployment,
+   with the server elsewhere, does not.
 
     python benchmarks/upload.py            # a few minutes on 2 cores
+    python benchmarks/upload.py --model cnn --batches-per-epoch 100   # a small convnet instead
     python benchmarks/upload.py --quick    # smoke test (seconds)
 """
 
@@ -53,7 +58,7 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str, str]:
     key = db.create_key("bench")
     db.dispose()
     process = subprocess.Popen([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(root), "serve",
-                                "--port", str(port), "--max-upload-mb", "512"], stdout=sys.stderr)
+                                "--port", str(port)], stdout=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -100,10 +105,20 @@ def bench_throughput(batches: list, total_batches: int, sinks: dict, server_root
     return out
 
 
-def bench_training(s: Setup, sinks: dict, rounds: int) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_training(s: Setup, sinks: dict, rounds: int, server_pid: int) -> dict:
     tracers = {name: ClassificationTracer(s.model, "training", name, store=store) for name, store in sinks.items()}
     times: dict[str, list[float]] = {"plain": [], **{name: [] for name in tracers}}
     waits: dict[str, list[float]] = {name: [] for name in tracers}
+    # CPU seconds per epoch (epoch + wait_for_save): the training thread alone (the hot path), the whole
+    # training process (training + tracing worker: the client side), and the server process
+    cpu: dict[str, dict[str, list[float]]] = {
+        kind: {name: [] for name in ("plain", *tracers)} for kind in ("training_thread", "training_process", "server")}
     epoch = {name: 0 for name in tracers}
     log("warm-up")
     run_epoch(s, None, 0)
@@ -114,14 +129,20 @@ def bench_training(s: Setup, sinks: dict, rounds: int) -> dict:
     for r in range(rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: drift hits all alike
         for kind in order:
+            thread0, process0, server0 = time.thread_time(), time.process_time(), process_cpu_s(server_pid)
             if kind == "plain":
                 times["plain"].append(run_epoch(s, None, 0))
-                continue
-            epoch[kind] += 1
-            times[kind].append(run_epoch(s, tracers[kind], epoch[kind]))
-            start = time.perf_counter()
-            tracers[kind].wait_for_save(n_epoch=epoch[kind])
-            waits[kind].append(time.perf_counter() - start)
+                thread_cpu = time.thread_time() - thread0
+            else:
+                epoch[kind] += 1
+                times[kind].append(run_epoch(s, tracers[kind], epoch[kind]))
+                thread_cpu = time.thread_time() - thread0  # the epoch only: wait_for_save is not training
+                start = time.perf_counter()
+                tracers[kind].wait_for_save(n_epoch=epoch[kind])
+                waits[kind].append(time.perf_counter() - start)
+            cpu["training_thread"][kind].append(thread_cpu)
+            cpu["training_process"][kind].append(time.process_time() - process0)
+            cpu["server"][kind].append(process_cpu_s(server_pid) - server0)
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {median(v):.3f}s" for k, v in times.items()))
     pending = {name: tracer.wait_for_save().pending_uploads for name, tracer in tracers.items()}
     for tracer in tracers.values():
@@ -135,6 +156,11 @@ def bench_training(s: Setup, sinks: dict, rounds: int) -> dict:
         "ratio_local_over_plain": median(times["local"]) / plain,
         "ratio_remote_over_plain": median(times["remote"]) / plain,
         "ratio_remote_over_local": median(times["remote"]) / median(times["local"]),
+        "median_cpu_s": {kind: {k: median(v) for k, v in per.items()} for kind, per in cpu.items()},
+        "training_thread_cpu_ratio_remote_over_local":
+            median(cpu["training_thread"]["remote"]) / median(cpu["training_thread"]["local"]),
+        "training_process_cpu_ratio_remote_over_local":
+            median(cpu["training_process"]["remote"]) / median(cpu["training_process"]["local"]),
         "pending_uploads_at_end": pending,
     }
 
@@ -146,6 +172,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--throughput-batches", type=int, default=400)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
+                        help="mlp: the tracer's worst case (almost no compute per sample); cnn: a small convnet")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.batches_per_epoch, args.throughput_batches = 2, 24, 24
@@ -156,7 +184,7 @@ def main(argv=None) -> dict:
             return {"local": str(work / f"local-{tag}"),
                     "remote": RemoteStore(url, key, spool_dir=work / f"spool-{tag}")}
 
-        s = Setup(args.batches_per_epoch, args.seed, lr=0.05, optimizer="sgd")
+        s = Setup(args.batches_per_epoch, args.seed, lr=0.05, optimizer="sgd", model=args.model)
         batches = precomputed_batches(s, min(64, args.throughput_batches))
         result = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -164,7 +192,7 @@ def main(argv=None) -> dict:
                         "mldbg_callbacks": mldbg_callbacks.__version__},
             "server": {"url": url, "metadata": "sqlite", "transport": "HTTP/1.1 on loopback, requests + uvicorn"},
             "throughput": bench_throughput(batches, args.throughput_batches, sinks("throughput"), work / "server"),
-            "training": bench_training(s, sinks("training"), args.rounds),
+            "training": {"model": args.model, **bench_training(s, sinks("training"), args.rounds, process.pid)},
         }
     finally:
         process.terminate()

@@ -199,6 +199,30 @@ def test_keys_create_cli_prints_a_working_key(tmp_path):
     assert bad.returncode == 1 and ".." in bad.stdout
 
 
+def test_a_part_larger_than_the_servers_limit_is_sent_in_chunks_below_it(tmp_path):
+    """The server announces its upload limit; a spilled part above it arrives whole, in several chunks."""
+    rng = np.random.default_rng(0)
+    n, limit = 3000, 1 << 20
+    with running_server(tmp_path / "srv", extra=("--max-upload-mb", "1")) as server:
+        key = server.create_key("p")
+        tracer = ClassificationTracer(lambda x: x, MODEL, VERSION, store=_remote(server, key, tmp_path),
+                                      feature_layer=False, strict=True)
+        probs = rng.dirichlet(np.ones(10), n).astype(np.float32)
+        features = rng.normal(size=(n, 512)).astype(np.float32)  # ~1 KB per row: ~3 MB in one part
+        for start in range(0, n, 500):
+            tracer.record(probs[start:start + 500], rng.integers(0, 10, 500), input_ids=np.arange(start, start + 500),
+                          n_epoch=0, features=features[start:start + 500])
+        stats = tracer.wait_for_save()
+        assert stats.rows_written == n and stats.write_errors == 0 and stats.pending_uploads == 0
+        stored = LocalStore(server.store / "p").read_traces(MODEL, VERSION, "train", [0])
+        assert sorted(stored.column("input_id").to_pylist()) == sorted(str(i) for i in range(n))
+        database = server.database()
+        with database.engine.connect() as connection:
+            sizes = [row[0] for row in connection.exec_driver_sql("SELECT bytes FROM chunks")]
+        database.dispose()
+        assert len(sizes) >= 3 and max(sizes) <= limit
+
+
 # -- uploads: bad input -----------------------------------------------------------------------------
 def _chunk(rows: int = 5) -> bytes:
     return encode_chunk(pa.table({"input_id": [f"i{k}" for k in range(rows)], "label": list(range(rows))}))

@@ -253,13 +253,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/v1/whoami", tags=["service"])
     def whoami(request: Request) -> dict:
         """The project of the request's key (clients use it to build their paths)."""
+        limit = {"max_upload_bytes": config.max_chunk_bytes}  # clients split their uploads below it
         if config.local:
-            return {"project": LOCAL_PROJECT, "auth": False}
+            return {"project": LOCAL_PROJECT, "auth": False, **limit}
         check = server.db.check_key(_request_key(request))
         if check.project is None:
             status = 403 if check.reason == "revoked" else 401
             raise HTTPException(status, f"API key {check.reason}", headers={"WWW-Authenticate": "Bearer"})
-        return {"project": check.project, "auth": True}
+        return {"project": check.project, "auth": True, **limit}
 
     # -- listing --------------------------------------------------------------------------------
     @app.get(base + "/models", tags=["runs"])

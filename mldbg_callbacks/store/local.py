@@ -11,10 +11,11 @@ Layout (Parquet is the contract: DuckDB, pandas, Spark and Polars read a run wit
     <root>/<model>/<version>/results/<result_name>/{result.json, samples.parquet, ...}
 
 Every local file is written under a temporary name, fsync'ed and renamed (an object store publishes an
-object only once it is complete), so a reader never sees half a file. Parts spilled before their epoch commits carry a ``_pending-`` prefix, which Parquet readers
-skip; committing renames them and writes ``_COMMITTED`` (JSON): the parts a rank made durable and the
-world size it ran with. This package's reader uses only listed parts, so parts of an epoch still
-running (or of a crashed run) stay invisible. An epoch is *complete* when as many ranks committed as the largest world size recorded.
+object only once it is complete), so a reader never sees half a file. Parts spilled before their epoch
+commits carry a ``_pending-`` prefix, which Parquet readers skip; committing renames them and writes
+``_COMMITTED`` (JSON): the parts a rank made durable and the world size it ran with. This package's
+reader uses only listed parts, so parts of an epoch still running (or of a crashed run) stay invisible.
+An epoch is *complete* when as many ranks committed as the largest world size recorded.
 """
 
 from __future__ import annotations

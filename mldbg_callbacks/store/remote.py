@@ -155,11 +155,13 @@ class RemoteStore:
         max_spool_mb: bound of the spool (``MLD_SPOOL_MAX_MB``); beyond it uploads fail (counted).
         offline_retry_s: after the server was found unreachable, uploads go straight to the spool for
             this long instead of retrying each one (so a dead server cannot slow tracing down).
+        chunk_mb: largest upload request; a spilled part is sent as several chunks when bigger (and
+            never more than half the server's upload limit, which the server announces).
     """
 
     def __init__(self, endpoint: str, api_key: str | None = None, *, spool_dir: str | os.PathLike | None = None,
                  max_spool_mb: float | None = None, retries: int = 4, backoff_s: float = 0.5,
-                 timeout_s: float = 60.0, offline_retry_s: float = 30.0):
+                 timeout_s: float = 60.0, offline_retry_s: float = 30.0, chunk_mb: float = 8.0):
         api_key = api_key or os.environ.get("MLD_API_KEY")
         if not api_key:
             raise MLDebuggerError(f"the server {endpoint} needs an API key: set MLD_API_KEY (create one on the "
@@ -167,7 +169,9 @@ class RemoteStore:
         self.client = ApiClient(endpoint, api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
         self.spool = Spool(spool_dir, max_spool_mb)
         self.offline_retry_s = offline_retry_s
+        self.chunk_mb = chunk_mb
         self._project: str | None = None
+        self._server_upload_limit: int | None = None
 
     @property
     def endpoint(self) -> str:
@@ -185,7 +189,14 @@ class RemoteStore:
         if self._project is None:
             answer = self.client.request("GET", "/v1/whoami", what="checking the API key").json()
             self._project = validate_name(answer["project"], "project")
+            self._server_upload_limit = answer.get("max_upload_bytes")
         return self._project
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Target size of one upload: ``chunk_mb``, at most half the server's limit once it is known."""
+        target = int(self.chunk_mb * (1 << 20))
+        return min(target, self._server_upload_limit // 2) if self._server_upload_limit else target
 
     def url(self, path: str) -> str:
         return f"/v1/projects/{quote(self.project)}/{path}"
@@ -401,10 +412,11 @@ class HttpSink:
         self._spooled: list[Path] = []
         self._offline_until = 0.0
         self._warned = False
+        self._chunks: dict[str, list[str]] = {}  # part name given to the core -> its chunks, until committed
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_spooled"] = []  # a copy (DDP worker) has spooled nothing itself
+        state["_spooled"], state["_chunks"] = [], {}  # a copy (DDP worker) has sent nothing itself
         return state
 
     # -- TraceSink ------------------------------------------------------------------------------
@@ -412,15 +424,25 @@ class HttpSink:
         self._deliver(Op("PUT", f"{self._base}/meta", json=json.loads(json.dumps(meta, default=str))))
 
     def write_part(self, dataset_type: str, n_epoch: int, rank: int, table: pa.Table) -> str:
-        body = encode_chunk(table)
-        chunk_id = hashlib.sha256(body).hexdigest()
-        self._deliver(Op("PUT", f"{self._rank_path(dataset_type, n_epoch, rank)}/chunks/{chunk_id}", data=body))
-        return chunk_id
+        """Upload a spilled part as one or more chunks (each within ``store.chunk_bytes``); the part's name
+        is its first chunk's id. The split depends only on the rows, so a retry sends the same chunks."""
+        rows_per_chunk = max(1, int(self.store.chunk_bytes * table.num_rows / max(table.nbytes, 1)))
+        chunk_ids = []
+        for start in range(0, max(table.num_rows, 1), rows_per_chunk):
+            body = encode_chunk(table.slice(start, rows_per_chunk))
+            chunk_id = hashlib.sha256(body).hexdigest()
+            self._deliver(Op("PUT", f"{self._rank_path(dataset_type, n_epoch, rank)}/chunks/{chunk_id}", data=body))
+            chunk_ids.append(chunk_id)
+        self._chunks[chunk_ids[0]] = chunk_ids
+        return chunk_ids[0]
 
     def commit(self, dataset_type: str, n_epoch: int, rank: int, parts: list[str], rows: int,
                world_size: int) -> None:
+        chunk_ids = [chunk for part in parts for chunk in self._chunks.get(part, [part])]
         self._deliver(Op("POST", f"{self._rank_path(dataset_type, n_epoch, rank)}/commit",
-                         json={"parts": list(parts), "world_size": int(world_size)}))
+                         json={"parts": chunk_ids, "world_size": int(world_size)}))
+        for part in parts:
+            self._chunks.pop(part, None)
 
     def pending(self) -> SpoolStatus:
         """What this sink left in the spool (delivered by its next upload or by `mldbg sync`)."""
