@@ -193,7 +193,7 @@ def test_keys_create_cli_prints_a_working_key(tmp_path):
     assert key.startswith("mldbg_")
     with running_server(tmp_path / "s") as server:
         answer = requests.get(f"{server.url}/v1/whoami", headers={"Authorization": f"Bearer {key}"})
-        assert answer.json() == {"project": "team", "auth": True}
+        assert answer.json() == {"project": "team", "auth": True, "max_upload_bytes": 64 << 20}
     bad = subprocess.run([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(tmp_path / "s"), "keys",
                           "create", "--project", "../x"], capture_output=True, text=True)
     assert bad.returncode == 1 and ".." in bad.stdout
@@ -416,7 +416,7 @@ def test_ui_serves_a_local_store_without_keys(tmp_path, digits):
     _train(tracer, digits, epochs=1)
     tracer.wait_for_save()
     with running_server(tmp_path / "store", command="ui") as ui:
-        assert requests.get(f"{ui.url}/v1/whoami").json() == {"project": "local", "auth": False}
+        assert requests.get(f"{ui.url}/v1/whoami").json() == {"project": "local", "auth": False, "max_upload_bytes": 64 << 20}
         versions = requests.get(f"{ui.url}/v1/projects/local/models/{MODEL}/versions").json()
         assert versions[0]["epochs"] == {"test": [0], "train": [0]}
         assert requests.get(f"{ui.url}/v1/projects/other/models").status_code == 404
