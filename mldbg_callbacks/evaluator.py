@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .evaluation.detection import evaluate_detection
@@ -94,7 +95,10 @@ def evaluate_and_save(store: LocalStore, model_name: str, version_name: str, *, 
         return store.read_traces(model_name, version_name, dataset_type, [epoch],
                                  exclude_columns=() if with_features else ("features",))
 
-    evaluation = EVALUATIONS[task](read, meta, selection.epochs, committed, risk=risk, progress=progress)
+    # One OpenMP thread: scikit-learn's gradient boosting and k-means sum in per-thread chunks, so their
+    # numbers would depend on the thread count (a server process vs a notebook where torch set it).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        evaluation = EVALUATIONS[task](read, meta, selection.epochs, committed, risk=risk, progress=progress)
     if progress:
         progress("saving", 1, 1)
     name = validate_name(result_name, "result_name") if result_name else _new_result_name(store, model_name,

@@ -194,3 +194,21 @@ def test_epoch_traced_again_after_a_resume_keeps_the_newest_rows(store_dir, rng)
     samples = samples.assign(i=samples["input_id"].astype(int)).sort_values("i")
     assert len(samples) == 60
     np.testing.assert_array_equal(samples["pred"], softmax(newer.astype(np.float64), axis=1).argmax(1))
+
+
+def test_evaluation_numbers_do_not_depend_on_the_openmp_thread_count(tmp_path):
+    """A server process and a notebook where torch changed the thread count must get the same result."""
+    from sklearn.datasets import load_digits
+    from test_server import _train, _tracer
+    from threadpoolctl import threadpool_limits
+
+    x, y = load_digits(return_X_y=True)
+    tracer = _tracer(tmp_path)
+    _train(tracer, (x[:600].astype(np.float32), y[:600], np.array([f"d{i:04d}" for i in range(600)])), epochs=2)
+    tracer.wait_for_save()
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            results.append(Evaluator("digits", "v1", store=tmp_path).request_evaluation(result_name=f"t{threads}"))
+    pd.testing.assert_frame_equal(results[0].metrics_summary(), results[1].metrics_summary(), check_exact=True)
+    pd.testing.assert_frame_equal(results[0].samples(), results[1].samples(), check_exact=True)
