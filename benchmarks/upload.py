@@ -130,13 +130,11 @@ def bench_training(s: Setup, sinks: dict, rounds: int, server_pid: int) -> dict:
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: drift hits all alike
         for kind in order:
             thread0, process0, server0 = time.thread_time(), time.process_time(), process_cpu_s(server_pid)
-            if kind == "plain":
-                times["plain"].append(run_epoch(s, None, 0))
-                thread_cpu = time.thread_time() - thread0
-            else:
+            if kind != "plain":
                 epoch[kind] += 1
-                times[kind].append(run_epoch(s, tracers[kind], epoch[kind]))
-                thread_cpu = time.thread_time() - thread0  # the epoch only: wait_for_save is not training
+            times[kind].append(run_epoch(s, tracers.get(kind), epoch.get(kind, 0)))
+            thread_cpu = time.thread_time() - thread0  # the epoch only: wait_for_save is not training
+            if kind != "plain":
                 start = time.perf_counter()
                 tracers[kind].wait_for_save(n_epoch=epoch[kind])
                 waits[kind].append(time.perf_counter() - start)

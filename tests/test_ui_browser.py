@@ -189,9 +189,15 @@ def test_models_and_version_pages_list_what_the_store_holds(ui, page):
     screenshot(page, "02-version")
 
 
+def show_result(page, server, model: str, version: str, result: str) -> tuple[str, dict]:
+    """Open a result's evaluation page; returns its API path and the API's answer."""
+    show(page, f"{server.url}/#/models/{model}/versions/{version}/results/{result}")
+    path = f"{LOCAL}/models/{model}/versions/{version}/results/{result}"
+    return path, api(server, path)
+
+
 def test_evaluation_page_shows_the_apis_numbers_and_sklearns_confusion_matrix(ui, page):
-    show(page, f"{ui.url}/#/models/digits/versions/v1/results/{RESULT}")
-    result = api(ui, f"{DIGITS}/results/{RESULT}")
+    path, result = show_result(page, ui, "digits", "v1", RESULT)
     assert_table_matches(page, "metrics", result["metrics"])
     assert_table_matches(page, "categories", result["categories"])
     assert page.locator("[data-testid=categories-chart] rect").count() >= len(result["categories"])
@@ -204,11 +210,10 @@ def test_evaluation_page_shows_the_apis_numbers_and_sklearns_confusion_matrix(ui
     for issue in result["issues"]:
         assert issue["error_code"] in text and issue["recommendation"] in text and issue["description"] in text
 
-    assert_heatmaps_match(page, api(ui, f"{DIGITS}/results/{RESULT}/heatmaps"))
+    assert_heatmaps_match(page, api(ui, f"{path}/heatmaps"))
 
     # the test set's confusion matrix as scikit-learn computes it from the newest epoch's units
-    units = requests.get(f"{ui.url}{DIGITS}/results/{RESULT}/tables/samples",
-                         params={"dataset_type": "test", "n_epoch": 2, "limit": 10_000}, timeout=30).json()["rows"]
+    units = api(ui, f"{path}/tables/samples", dataset_type="test", n_epoch=2, limit=10_000)["rows"]
     labels = list(range(10))
     expected = confusion_matrix([u["label"] for u in units], [u["pred"] for u in units], labels=labels)
     figure = page.locator("[data-testid=heatmap]").filter(has_text="Confusion matrix, test")
@@ -221,12 +226,11 @@ def test_evaluation_page_shows_the_apis_numbers_and_sklearns_confusion_matrix(ui
 
 
 def test_detection_evaluation_shows_class_by_size_heatmap_and_tables(ui, page):
-    show(page, f"{ui.url}/#/models/det/versions/v1/results/r1")
-    result = api(ui, f"{LOCAL}/models/det/versions/v1/results/r1")
+    path, result = show_result(page, ui, "det", "v1", "r1")
     assert_table_matches(page, "metrics", result["metrics"])
     assert_table_matches(page, "per-class", result["per_class"])
     assert_table_matches(page, "tide", result["tide"])
-    maps = api(ui, f"{LOCAL}/models/det/versions/v1/results/r1/heatmaps")
+    maps = api(ui, f"{path}/heatmaps")
     assert {"Error rate by class x size, val", "Units by class x error code, val"} <= {m["title"] for m in maps}
     assert_heatmaps_match(page, maps)
     screenshot(page, "04-evaluation-detection")

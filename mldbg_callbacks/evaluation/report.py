@@ -62,7 +62,7 @@ def heatmap_svg(title: str, matrix: pd.DataFrame) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return ""
-    matrix = _limit(matrix)
+    matrix = limit_matrix(matrix)
     values = matrix.to_numpy(dtype=float)
     height, width = values.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.55 * width, 18), min(1.5 + 0.4 * height, 14)))
@@ -87,7 +87,8 @@ def heatmap_svg(title: str, matrix: pd.DataFrame) -> str:
     return svg[svg.index("<svg"):]  # drop the XML prologue: the SVG sits inside the HTML
 
 
-def _limit(matrix: pd.DataFrame) -> pd.DataFrame:
+def limit_matrix(matrix: pd.DataFrame) -> pd.DataFrame:
+    """At most MAX_HEATMAP_SIDE rows and columns: those with the most units (what the report and UI draw)."""
     if len(matrix.index) > MAX_HEATMAP_SIDE:
         matrix = matrix.loc[matrix.sum(axis=1).sort_values(ascending=False).index[:MAX_HEATMAP_SIDE]]
     if len(matrix.columns) > MAX_HEATMAP_SIDE:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..errors import InvalidNameError, MLDebuggerError, NoTracesError
 from ..evaluation.result import Result
-from ..store.local import LocalStore, store_path
+from ..store.local import LocalStore, is_local_path, store_path
 from ..store.names import validate_name
 from .db import Database
 from .uploads import UploadError, read_chunk
@@ -64,7 +64,7 @@ class ServerConfig:
         if self.db:
             return self.db
         root = store_path(self.store)
-        if not isinstance(root, Path) or getattr(root, "protocol", ""):
+        if not is_local_path(root):
             raise MLDebuggerError(f"the store {self.store} is a URL: name the metadata database with --db "
                                    "sqlite:///path/server.db or --db postgresql://…")
         root.mkdir(parents=True, exist_ok=True)
@@ -375,14 +375,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get(vbase + "/results/{result}", tags=["results"])
     def get_result(project: Project, model: Name, version: Name, result: Name) -> dict:
-        """The result's metadata and its small tables (metrics, categories, issues)."""
+        """The result's metadata, its small tables (metrics, categories, issues) and the labels of its units."""
         res = server.result(project, model, version, result)
+        labels = sorted(res._tables["samples"]["label"].dropna().unique().tolist())
         small = {"metrics": res.metrics_summary(), "categories": res.issue_category_summary(),
                  "error_proba": res.error_proba_summary(), "issues": _issues(res)}
         for name in ("per_class", "tide"):
             if name in res._tables:
                 small[name] = res._tables[name]
-        return {"meta": res.meta, "tables": sorted(res._tables),
+        return {"meta": res.meta, "tables": sorted(res._tables), "labels": labels,
                 **{name: json.loads(_records(frame)) for name, frame in small.items()}}
 
     @app.get(vbase + "/results/{result}/tables/{table}", tags=["results"])
@@ -424,14 +425,17 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get(vbase + "/results/{result}/heatmaps", tags=["results"])
     def get_heatmaps(project: Project, model: Name, version: Name, result: Name) -> list[dict]:
-        """The matrices behind the report's heatmaps: title, row and column labels, values (null: no unit)."""
-        from ..evaluation.report import heatmaps
+        """The matrices behind the report's heatmaps, limited as the report draws them (the rows and columns
+        with the most units): title, row and column labels, values (null: no unit), full sizes."""
+        from ..evaluation.report import heatmaps, limit_matrix
 
         res = server.result(project, model, version, result)
         out = []
-        for title, matrix in heatmaps(res):
+        for title, full in heatmaps(res):
+            matrix = limit_matrix(full)
             values = matrix.to_numpy(dtype=float)
-            out.append({"title": title, "index_name": str(matrix.index.name or ""),
+            out.append({"title": title, "rows_total": len(full.index), "columns_total": len(full.columns),
+                        "index_name": str(matrix.index.name or ""),
                         "columns_name": str(matrix.columns.name or ""),
                         "index": [str(i) for i in matrix.index], "columns": [str(c) for c in matrix.columns],
                         "values": [[None if v != v else float(v) for v in row] for row in values]})

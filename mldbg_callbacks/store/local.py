@@ -49,7 +49,7 @@ PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1, "use_dictionar
 def store_path(root: str | os.PathLike) -> Path:
     """A local directory as an absolute ``Path``; any other fsspec URL (``s3://``, ``gs://``, ``memory://``…)
     as a ``UPath`` (universal_pathlib), which has the same API over the URL's file system."""
-    if getattr(root, "protocol", "") not in ("", "file", "local"):  # already a UPath
+    if not is_local_path(root):  # already a UPath
         return root
     text = os.fspath(root)
     if "://" in text and not text.startswith("file://"):
@@ -59,7 +59,8 @@ def store_path(root: str | os.PathLike) -> Path:
     return Path(text.removeprefix("file://")).expanduser().resolve()
 
 
-def _is_local(path: Path) -> bool:
+def is_local_path(path: str | os.PathLike) -> bool:
+    """False for a UPath on an object store or any other non-local fsspec file system."""
     return getattr(path, "protocol", "") in ("", "file", "local")
 
 
@@ -68,7 +69,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     same directory, fsync, rename. Object stores make a single object visible only once it is complete,
     so there ``write`` gets the object's binary handle."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not _is_local(path):
+    if not is_local_path(path):
         with path.open("wb") as handle:
             write(handle)
         return
@@ -104,24 +105,24 @@ def _read_json(path: Path) -> dict:
 
 def _read_parquet(path: Path, **kwargs: Any) -> pa.Table:
     # partitioning=None: some pyarrow versions add the hive keys of the path as columns
-    if _is_local(path):
+    if is_local_path(path):
         return pq.read_table(path, partitioning=None, **kwargs)
     return pq.read_table(path.path, filesystem=path.fs, partitioning=None, **kwargs)
 
 
 def _parquet_columns(path: Path) -> list[str]:
-    return (pq.read_schema(path) if _is_local(path) else pq.read_schema(path.path, filesystem=path.fs)).names
+    return (pq.read_schema(path) if is_local_path(path) else pq.read_schema(path.path, filesystem=path.fs)).names
 
 
 def _rename(source: Path, target: Path) -> None:
-    if _is_local(source):
+    if is_local_path(source):
         os.replace(source, target)
     else:
         source.rename(target)
 
 
 def _remove_tree(path: Path) -> None:
-    if _is_local(path):
+    if is_local_path(path):
         shutil.rmtree(path)
     else:
         path.fs.rm(path.path, recursive=True)

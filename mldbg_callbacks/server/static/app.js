@@ -15,9 +15,9 @@ const CATEGORIES = [
 const CATEGORY_COLOUR = Object.fromEntries(CATEGORIES.map(([name, colour]) => [name, colour]));
 const SERIES = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf"];
-const MAX_HEATMAP_SIDE = 40;  // as the HTML report: the rows / columns with the most units are kept
 const PAGE_SIZE = 50;
 const state = { key: sessionStorage.getItem("mldbg-key"), project: null, auth: false };
+const resultCache = new Map();  // API path of a result -> its JSON, for this tab
 
 // -- DOM helpers ---------------------------------------------------------------------------------
 function h(tag, attrs, ...children) {
@@ -195,12 +195,9 @@ function table(rows, columns, { testid, cell } = {}) {
   return h("div", { class: "scroll" }, h("table", { "data-testid": testid }, h("thead", {}, head), h("tbody", {}, body)));
 }
 
-function keyColumns(rows) {
-  return ["dataset", "dataset_type", "n_epoch"].filter((c) => rows.length && c in rows[0]);
-}
-
-function rowKey(row) {
-  return keyColumns([row]).map((c) => (c === "n_epoch" ? `epoch ${row[c]}` : row[c])).join(" · ");
+function rowKey(row) {  // "train · epoch 3": the dataset / epoch a row of a result table is about
+  return ["dataset", "dataset_type", "n_epoch"].filter((c) => c in row)
+    .map((c) => (c === "n_epoch" ? `epoch ${row[c]}` : row[c])).join(" · ");
 }
 
 // One stacked bar per dataset / epoch: the share of units in each category.
@@ -239,21 +236,11 @@ function red(fraction) {
   return `rgb(${rgb.join(",")})`;
 }
 
-function limitMatrix(map) {
-  const total = (values) => values.reduce((a, v) => a + (v || 0), 0);
-  let rows = map.index.map((_, i) => i);
-  let cols = map.columns.map((_, j) => j);
-  if (rows.length > MAX_HEATMAP_SIDE)
-    rows = rows.sort((a, b) => total(map.values[b]) - total(map.values[a])).slice(0, MAX_HEATMAP_SIDE);
-  if (cols.length > MAX_HEATMAP_SIDE)
-    cols = cols.sort((a, b) => total(map.values.map((r) => r[b])) - total(map.values.map((r) => r[a])))
-      .slice(0, MAX_HEATMAP_SIDE);
-  return { rows, cols, clipped: rows.length < map.index.length || cols.length < map.columns.length };
-}
-
 // An annotated heatmap: every cell shows its number; the colour scale runs from 0 to the largest value.
+// The API already kept the rows and columns with the most units (as the HTML report).
 function heatmap(map) {
-  const { rows, cols, clipped } = limitMatrix(map);
+  const rows = map.index.map((_, i) => i), cols = map.columns.map((_, j) => j);
+  const clipped = map.rows_total > rows.length || map.columns_total > cols.length;
   const cell = Math.max(30, Math.min(56, 700 / Math.max(cols.length, 1)));
   const left = 10 + 7 * Math.max(4, ...rows.map((i) => map.index[i].length));
   const top = 14 + 6 * Math.max(4, ...cols.map((j) => map.columns[j].length));
@@ -293,7 +280,7 @@ function heatmap(map) {
   const axes = [map.index_name && `rows: ${map.index_name}`, map.columns_name && `columns: ${map.columns_name}`].filter(Boolean);
   if (axes.length) chart.append(svg("text", { x: 4, y: 12, "font-size": 11, fill: "#667085" }, axes.join(" · ")));
   return h("figure", { "data-testid": "heatmap" }, h("figcaption", {}, map.title),
-           clipped && h("p", { class: "muted" }, `showing the ${rows.length} × ${cols.length} rows and columns with the most units`),
+           clipped && h("p", { class: "muted" }, `showing the ${rows.length} of ${map.rows_total} rows and ${cols.length} of ${map.columns_total} columns with the most units`),
            chart);
 }
 
@@ -428,6 +415,7 @@ function evaluationForm(model, version) {
         job = await api(`${projectPath()}/jobs/${job.job_id}`);
       }
       if (job.status === "failed") throw new Error(job.error);
+      resultCache.delete(resultPath(model, version, job.result_name));  // a result saved again under its name
       location.hash = link(["models", model, "versions", version, "results", job.result_name]);
     } catch (error) {
       status.replaceChildren(h("span", { class: "error" }, error.message));
@@ -437,7 +425,6 @@ function evaluationForm(model, version) {
   return form;
 }
 
-const resultCache = new Map();
 async function getResult(model, version, result) {
   const path = resultPath(model, version, result);
   if (!resultCache.has(path)) resultCache.set(path, await api(path));
@@ -525,13 +512,7 @@ async function samplesPage(page, model, version, result, params) {
   const filters = Object.fromEntries([...params].filter(([name]) => name !== "offset"));
   const offset = Number(params.get("offset") || 0);
   const query = new URLSearchParams({ ...filters, offset, limit: PAGE_SIZE });
-  const [units, classes] = await Promise.all([
-    api(`${resultPath(model, version, result)}/tables/samples?${query}`),
-    api(`${resultPath(model, version, result)}/heatmaps`).then((maps) => {
-      const byCode = maps.find((m) => m.columns_name === "error_code");
-      return byCode ? byCode.index : [];
-    }),
-  ]);
+  const units = await api(`${resultPath(model, version, result)}/tables/samples?${query}`);
   const datasets = Object.keys(res.meta.epochs || {});
   const epochs = filters.dataset_type ? res.meta.epochs[filters.dataset_type] || [] : [...new Set(Object.values(res.meta.epochs || {}).flat())];
   const codes = [...new Set(res.issues.filter((i) => !filters.category || i.category === filters.category).map((i) => i.error_code))].sort();
@@ -543,7 +524,7 @@ async function samplesPage(page, model, version, result, params) {
     select("n_epoch", [["", "all"], ...epochs.map((e) => [e, e])], filters.n_epoch, change("n_epoch")),
     select("category", [["", "all"], ...CATEGORIES.map(([name]) => [name, title(name)])], filters.category, change("category")),
     select("error_code", [["", "all"], ...codes.map((c) => [c, c])], filters.error_code, change("error_code")),
-    select("label", [["", "all"], ...classes.map((c) => [c, c])], filters.label, change("label")),
+    select("label", [["", "all"], ...res.labels.map((c) => [c, c])], filters.label, change("label")),
     h("label", {}, "region", region),
     filters.input_id && h("span", {}, `input id ${filters.input_id} `, h("a", { href: "#", onclick: (event) => { event.preventDefault(); setParams({ input_id: "" }); } }, "(clear)")),
     Object.keys(filters).length > 0 && h("button", { class: "plain", "data-testid": "clear-filters", onclick: () => setParams(Object.fromEntries(Object.keys(filters).map((k) => [k, ""]))) }, "clear all")));
