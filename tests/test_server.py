@@ -106,7 +106,7 @@ def test_traces_sent_to_a_server_equal_the_local_store_and_the_evaluator_runs_th
     pd.testing.assert_frame_equal(result.samples().sort_values(["dataset_type", "input_id"]).reset_index(drop=True),
                                   expected.samples().sort_values(["dataset_type", "input_id"]).reset_index(drop=True),
                                   check_like=True)
-    assert seen and seen[-1][0]  # progress came through the job's polling
+    assert seen[-1] == ("saving", 1, 1)  # progress came through the job's polling, ending as a local one
     store = _remote(server, key, tmp_path)
     assert Evaluator(MODEL, VERSION, store=store).list_results()["result_name"].tolist() == ["remote"]
     again = Evaluator(MODEL, VERSION, store=store).get_result("remote")

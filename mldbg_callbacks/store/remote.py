@@ -260,14 +260,16 @@ class RemoteStore:
                                   what=f"requesting an evaluation of {model_name}/{version_name}", json=body).json()
         while True:
             state = self.get(f"jobs/{job['job_id']}", "polling the evaluation").json()
-            if progress and state["stage"]:
-                progress(state["stage"], state["done"], state["total"])
             if state["status"] == "done":
+                if progress:  # the last stage, as a local evaluation reports it (however quick the job was)
+                    progress("saving", 1, 1)
                 return self.load_result(model_name, version_name, state["result_name"])
             if state["status"] == "failed":
                 error = state["error"] or "unknown error"
                 kind = NoTracesError if error.startswith("NoTracesError") else MLDebuggerError
                 raise kind(f"the server's evaluation of {model_name}/{version_name} failed: {error}")
+            if progress and state["stage"]:
+                progress(state["stage"], state["done"], state["total"])
             time.sleep(poll_s)
             poll_s = min(2.0, poll_s * 1.5)
 
