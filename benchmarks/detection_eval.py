@@ -8,6 +8,12 @@ reference libraries' in-memory datasets is not timed; their prints are silenced)
 
     python benchmarks/detection_eval.py --images 5000 --classes 80 --gt-per-image 7 --dets-per-image 100
     python benchmarks/detection_eval.py --sizes 1000,2500,5000 --skip-reference
+    python benchmarks/detection_eval.py --evaluator     # also the whole Evaluator (categories, codes...)
+
+``--evaluator`` also traces the same data through ``detection_core`` into a temporary store (as the
+``val`` split, ``--epochs`` epochs with the detections re-jittered each epoch) and times the whole
+``Evaluator.request_evaluation()`` in a fresh process: COCO AP and TIDE plus error_proba, dynamics,
+categories, error codes and the saved result, with that process's peak RSS.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -189,6 +198,66 @@ def bench(n_images: int, n_classes: int, gt_per_image: float, dets_per_image: in
     return out
 
 
+def write_traces(root: str, dets: Boxes, gts: Boxes, n_images: int, epochs: int, seed: int) -> None:
+    """The data as one user's tracer would record it: per image lists, 16 images per batch."""
+    from mldbg_callbacks.training import detection_core
+
+    rng = np.random.default_rng(seed + 1)
+    gt_order = np.argsort(gts.image, kind="stable")
+    gt_split = np.cumsum(np.bincount(gts.image, minlength=n_images))[:-1]
+    gt_boxes = np.split(gts.box[gt_order].astype(np.float32), gt_split)
+    gt_labels = np.split(gts.label[gt_order], gt_split)
+    order = np.argsort(dets.image, kind="stable")
+    split = np.cumsum(np.bincount(dets.image, minlength=n_images))[:-1]
+    labels = np.split(dets.label[order], split)
+    core = detection_core("det_bench", "v", store=root, num_classes=int(gts.label.max()) + 1,
+                          score_thresh=0.0, max_detections=1000)
+    for epoch in range(epochs):  # later epochs: the boxes move a little, as a model's do while it trains
+        shift = np.tile(rng.normal(0, 1.0, (len(dets), 2)), 2) * (epoch > 0)  # moved, never inverted
+        boxes = np.split(dets.box[order] + shift, split)
+        scores = np.split(np.clip(dets.score[order] + rng.normal(0, 0.02, len(dets)) * (epoch > 0), 0, 1), split)
+        for start in range(0, n_images, 16):
+            sl = slice(start, min(start + 16, n_images))
+            core.record({"boxes": boxes[sl], "scores": scores[sl], "labels": labels[sl],
+                         "image_size": [(IMAGE_H, IMAGE_W)] * (sl.stop - sl.start)},
+                        {"boxes": gt_boxes[sl], "labels": gt_labels[sl]}, input_ids=np.arange(sl.start, sl.stop),
+                        dataset_type="val", n_epoch=epoch)
+        core.end_epoch(epoch)
+    core.wait_for_save()
+    core.close()
+
+
+def evaluator_child(root: str) -> dict:
+    from mldbg_callbacks.evaluator import Evaluator
+
+    start, cpu = time.perf_counter(), time.process_time()
+    result = Evaluator("det_bench", "v", store=root).request_evaluation()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    summary = result.metrics_summary().iloc[0]
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "map": float(summary["map"]),
+            "units": int(summary["counts"]), "n_gt": int(summary["n_gt"]), "n_pred": int(summary["n_pred"]),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def bench_evaluator(n_images: int, n_classes: int, gt_per_image: float, dets_per_image: int, seed: int,
+                    epochs: int) -> dict:
+    dets, gts = make_synthetic(n_images, n_classes, gt_per_image, dets_per_image, seed)
+    # ground truth inside the image, as annotations are (the codec refuses boxes overhanging it)
+    box = np.clip(gts.box, 0, [IMAGE_W, IMAGE_H, IMAGE_W, IMAGE_H])
+    inside = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+    gts = Boxes(gts.image[inside], gts.label[inside], box[inside])
+    with tempfile.TemporaryDirectory(prefix="mldbg-det-eval-") as root:
+        start = time.perf_counter()
+        write_traces(root, dets, gts, n_images, epochs, seed)
+        write_s = time.perf_counter() - start
+        child = subprocess.run([sys.executable, __file__, "--evaluator-child", root], capture_output=True, text=True,
+                               check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        out = json.loads(child.stdout.strip().splitlines()[-1])
+    out.update({"images": n_images, "epochs": epochs, "detections_per_epoch": len(dets), "objects": len(gts),
+                "trace_s": round(write_s, 2)})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -199,13 +268,22 @@ def main() -> None:
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated image counts (growth)")
     parser.add_argument("--skip-reference", action="store_true", help="time only our implementation")
     parser.add_argument("--repeat", type=int, default=1, help="best of N for our timings")
+    parser.add_argument("--evaluator", action="store_true", help="also time the whole Evaluator (largest size)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs traced for --evaluator")
+    parser.add_argument("--evaluator-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.evaluator_child:
+        print(json.dumps(evaluator_child(args.evaluator_child)))
+        return
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.images]
     runs = [bench(n, args.classes, args.gt_per_image, args.dets_per_image, args.seed, not args.skip_reference,
                   args.repeat) for n in sizes]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = runs[0] if len(runs) == 1 else {"runs": runs}
     report["peak_rss_mib"] = round(peak_mib, 1)
+    if args.evaluator:
+        report["evaluator"] = bench_evaluator(sizes[-1], args.classes, args.gt_per_image, args.dets_per_image,
+                                              args.seed, args.epochs)
     print(json.dumps(report, indent=1))
 
 

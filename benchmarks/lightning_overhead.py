@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         median_plain, median_traced = statistics.median(plain), statistics.median(traced)
         print(json.dumps({
             "benchmark": "lightning_overhead",
-            "setup": {"model": f"MLP {IN_DIM}->{HIDDEN}->ReLU->{CLASSES}", "batch": BATCH, "epochs": args.epochs,
+            "setup": {"model": (f"MLP {IN_DIM}->{HIDDEN}->ReLU->{CLASSES}" if MODEL == "mlp" else
+                                f"Conv(3,32)-Pool-Conv(32,64)-Pool-Linear(4096,{HIDDEN})-ReLU-Linear({HIDDEN},{CLASSES}) on 3x32x32"), "batch": BATCH, "epochs": args.epochs,
                       "train_samples": n_train, "val_samples": n_val, "rounds": args.rounds, "order": "ABC-CBA",
                       "torch": torch.__version__, "lightning": pl.__version__, "threads": torch.get_num_threads(),
                       "cpu_count": os.cpu_count(), "python": platform.python_version()},

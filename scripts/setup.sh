@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install the package with pinned versions.
 #
-#   source scripts/setup.sh [demo|dev]     # sets $MLDBG_PY to the environment's python
+#   source scripts/setup.sh [demo|dev|bench]   # sets $MLDBG_PY to the environment's python
+#   (bench = dev + the [bench] extra: W&B for benchmarks/wandb_compare.py)
 #
 # The environment lives outside the checkout (keyed by a hash of the files that define it), so a fresh
 # clone on the same machine (CI) reuses it instead of reinstalling ~6 GB; a new machine builds it.
@@ -16,7 +17,8 @@ python="${PYTHON:-python3}"
 case "$profile" in
   demo) extras="torch,plot" ;;
   dev) extras="dev,all" ;;
-  *) echo "usage: scripts/setup.sh [demo|dev]" >&2; exit 2 ;;
+  bench) extras="dev,all,bench" ;;
+  *) echo "usage: scripts/setup.sh [demo|dev|bench]" >&2; exit 2 ;;
 esac
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -30,7 +32,7 @@ if [ ! -f "$stamp" ]; then
   quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
   quiet "$venv/bin/python" -m pip install -q --upgrade setuptools wheel -c "$repo/constraints.txt"
   quiet "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" -e "$repo[$extras]"
-  if [ "$profile" = dev ]; then
+  if [ "$profile" != demo ]; then
     # Installed without dependencies (pinned in constraints): KerasHub's detectors run on Keras' torch
     # backend, but it declares tensorflow-text (which pulls in TensorFlow); nuscenes-devkit (the reference
     # of the 3D metrics in tests) declares numpy<2, and its evaluation code runs on numpy 2.
