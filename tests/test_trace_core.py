@@ -27,7 +27,7 @@ from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
 from mldbg_callbacks.core.vectors import decode_vectors, decoded_rows
 
-from trace_helpers import barrier, failing_part_writes
+from trace_helpers import ThrottledSink, barrier, failing_part_writes
 
 MODEL, VERSION = "m", "v1"
 C = 3  # classes of the default batches
@@ -426,16 +426,8 @@ def test_rows_dropped_while_the_store_kept_failing_are_reported(tmp_path, rng, m
 
 
 # -- back-pressure ---------------------------------------------------------------------------------
-class SlowSink(RunWriter):
-    delay = 0.03
-
-    def write_part(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return super().write_part(*args, **kwargs)
-
-
 def test_record_blocks_when_the_queue_is_full(tmp_path, rng):
-    core = TraceCore(ClassificationCodec(), SlowSink(LocalStore(tmp_path), MODEL, VERSION),
+    core = TraceCore(ClassificationCodec(), ThrottledSink(LocalStore(tmp_path), MODEL, VERSION),
                      max_pending_batches=2, rows_per_part=1)
     sizes, stop = [], threading.Event()
 
@@ -458,7 +450,7 @@ def test_record_blocks_when_the_queue_is_full(tmp_path, rng):
         watcher.join()
     assert max(sizes) <= 2
     # the worker needs >= delay per batch; with 2 slots + 1 in hand, the rest had to wait for it
-    assert recording_s >= (n_batches - 3) * SlowSink.delay * 0.8
+    assert recording_s >= (n_batches - 3) * ThrottledSink.delay * 0.8
     stats = core.wait_for_save()
     assert stats.rows_written == 4 * n_batches
 
