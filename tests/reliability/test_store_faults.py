@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import accuracy_score
 from trace_helpers import ThrottledSink
-from training_child import MODEL, N_SAMPLES, VERSION, digits
+from training_child import MODEL, N_SAMPLES, VERSION, digits, trace_digits
 
 from mldbg_callbacks.core.trace_core import TraceCore, TraceWarning
 from mldbg_callbacks.core.vectors import decode_vectors
@@ -33,7 +33,7 @@ from mldbg_callbacks.store import LocalStore
 from mldbg_callbacks.tasks.classification import ClassificationCodec
 from mldbg_callbacks.training import ClassificationTracer
 
-BATCH = 50
+BATCH = 50  # trace_digits' batch size
 
 
 @contextlib.contextmanager
@@ -84,16 +84,6 @@ def read_only(directory: Path):
                 path.chmod(mode)
 
 
-def train_epochs(tracer: ClassificationTracer, epochs: range) -> None:
-    """Trace the digits with a fixed linear model, batch by batch, as a training loop would."""
-    x, y, ids = digits()
-    weights = np.random.default_rng(0).standard_normal((x.shape[1], 10)).astype(np.float32)
-    for epoch in epochs:
-        for start in range(0, N_SAMPLES, BATCH):
-            tracer.record(x[start:start + BATCH] @ weights, y[start:start + BATCH], input_ids=ids[start:start + BATCH],
-                          n_epoch=epoch)
-
-
 def stored_ids(store: LocalStore, epoch: int) -> list[str]:
     return sorted(store.read_traces(MODEL, VERSION, "train", [epoch]).column("input_id").to_pylist())
 
@@ -114,14 +104,14 @@ def test_store_fails_mid_training_training_goes_on_the_loss_is_reported_and_the_
         store = LocalStore(root / "store")
         tracer = ClassificationTracer(lambda x: x, MODEL, VERSION, store=store, feature_layer=False)
         tracer.core.rows_per_part = 2 * BATCH  # the retry buffer holds 4 parts' worth: later rows are dropped
-        train_epochs(tracer, range(2))
+        trace_digits(tracer, range(2))
         assert tracer.wait_for_save().rows_written == 2 * N_SAMPLES
 
         fault_context = read_only(root) if fault == "read_only" else contextlib.nullcontext()
         with fault_context, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             filler = fill_up(root) if fault == "disk_full" else None
-            train_epochs(tracer, range(2, 4))  # never raises: training goes on
+            trace_digits(tracer, range(2, 4))  # never raises: training goes on
             with pytest.raises(TraceWriteError) as failure:
                 tracer.wait_for_save()
             stats = tracer.stats

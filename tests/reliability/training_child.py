@@ -35,6 +35,20 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (x[:N_SAMPLES] / 16.0).astype(np.float32), y[:N_SAMPLES], np.array([f"d{i:04d}" for i in range(N_SAMPLES)])
 
 
+def trace_digits(tracer: ClassificationTracer, epochs: range, dataset_types: tuple[str, ...] = ("train",),
+                 batch: int = 50) -> None:
+    """Trace the digits with a fixed random linear model, batch by batch, as a training loop would (in-process
+    tests: the same rows every time, so a faulty run can be compared with a clean one)."""
+    x, y, ids = digits()
+    weights = np.random.default_rng(0).standard_normal((x.shape[1], CLASSES)).astype(np.float32)
+    for epoch in epochs:
+        for dataset_type in dataset_types:
+            for start in range(0, N_SAMPLES, batch):
+                rows = slice(start, start + batch)
+                tracer.record(x[rows] @ weights, y[rows], input_ids=ids[rows], dataset_type=dataset_type,
+                              n_epoch=epoch)
+
+
 def shard_ids(rank: int, world_size: int) -> list[str]:
     return digits()[2][rank::world_size].tolist()
 
