@@ -1,4 +1,4 @@
-"""TraceCore and the classification codec: bad input, duplicates, epochs, write failures, flushing,
+"""TraceCore and the classification codec: duplicates, epochs, write failures, flushing,
 back-pressure, ranks, content ids, dtypes, output kinds, top-k storage, feature projection, pickling.
 
 Stored rows are read back with plain pyarrow (parts listed in ``_COMMITTED``) and compared with
@@ -80,127 +80,15 @@ def good_batch(rng, ids, num_classes=C):
     return logits, rng.integers(0, num_classes, len(ids)), np.asarray(ids)
 
 
-# -- bad input -------------------------------------------------------------------------------------
-# Each case builds a batch of 8 samples (ids 0..7 + offset). ``good`` are the ids that must still be
-# stored with strict=False; ``skipped`` rows are counted under ``reason``; ``fix`` must appear in the
-# strict=True message.
+# -- bad input (the full matrix of bad inputs per task: tests/reliability/test_bad_input_matrix.py) ------
 def _mismatch_labels(rng, off):
     logits, labels, ids = good_batch(rng, range(off, off + 8))
     return dict(outputs=logits, labels=labels[:7], ids=ids)
 
 
-def _mismatch_ids(rng, off):
-    logits, labels, ids = good_batch(rng, range(off, off + 8))
-    return dict(outputs=logits, labels=labels, ids=ids[:6])
-
-
-def _mismatch_features(rng, off):
-    logits, labels, ids = good_batch(rng, range(off, off + 8))
-    return dict(outputs=logits, labels=labels, ids=ids, features=np.ones((5, 4), np.float32))
-
-
-def _label_out_of_range(rng, off):
-    logits, labels, ids = good_batch(rng, range(off, off + 8))
-    labels[2], labels[5] = C, -1
-    return dict(outputs=logits, labels=labels, ids=ids)
-
-
-def _non_finite_outputs(rng, off):
-    logits, labels, ids = good_batch(rng, range(off, off + 8))
-    logits[1, 0], logits[6, 2] = np.nan, np.inf
-    return dict(outputs=logits, labels=labels, ids=ids)
-
-
-def _fractional_labels(rng, off):
-    logits, _, ids = good_batch(rng, range(off, off + 8))
-    return dict(outputs=logits, labels=np.array([0, 1, 2, 0.5, 1, 2, 0, 1]), ids=ids)
-
-
-def _string_labels(rng, off):
-    logits, _, ids = good_batch(rng, range(off, off + 8))
-    return dict(outputs=logits, labels=np.array(["cat", "dog", "cat", "bird"] * 2), ids=ids)
-
-
-def _soft_labels(rng, off):
-    logits, _, ids = good_batch(rng, range(off, off + 8))
-    soft = scipy.special.softmax(rng.standard_normal((8, C)), axis=1)
-    return dict(outputs=logits, labels=soft, ids=ids)
-
-
-def _wrong_rank_outputs(rng, off):
-    _, labels, ids = good_batch(rng, range(off, off + 8))
-    return dict(outputs=np.zeros((8, C, 2), np.float32), labels=labels, ids=ids)
-
-
-BAD_INPUTS = {
-    # name: (builder, reason, good offsets (row indices kept), strict message fragments)
-    "mismatched_labels": (_mismatch_labels, "invalid_batch", [], ["labels has 7 entries", "outputs has 8 rows",
-                                                                   "one entry of labels per sample"]),
-    "mismatched_input_ids": (_mismatch_ids, "invalid_batch", [], ["input_ids has 6 entries",
-                                                                  "one entry of input_ids per sample"]),
-    "mismatched_features": (_mismatch_features, "invalid_batch", [], ["features has 5 entries"]),
-    "label_out_of_range": (_label_out_of_range, "label_out_of_range", [0, 1, 3, 4, 6, 7],
-                           ["outside [0, 3)", "labels must be class indices"]),
-    "nan_inf_outputs": (_non_finite_outputs, "non_finite_outputs", [0, 2, 3, 4, 5, 7], ["NaN or Inf"]),
-    "fractional_labels": (_fractional_labels, "invalid_batch", [], ["integer class indices", "0.5"]),
-    "string_labels": (_string_labels, "invalid_batch", [], ["integer class indices",
-                                                            "map class names to indices first"]),
-    "soft_labels": (_soft_labels, "invalid_batch", [], ["soft labels", "pass hard class indices"]),
-    "outputs_not_2d": (_wrong_rank_outputs, "invalid_batch", [], ["(batch, num_classes)"]),
-}
-SKIPPED = {"label_out_of_range": 2, "nan_inf_outputs": 2}
-
-
 def _record(tracer, batch, **kwargs):
     tracer.record(batch["outputs"], batch["labels"], input_ids=batch["ids"], features=batch.get("features"),
                   **kwargs)
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_non_strict_warns_once_counts_and_goes_on(tmp_path, rng, case):
-    build, reason, good_rows, _ = BAD_INPUTS[case]
-    tracer = make_tracer(tmp_path, strict=False)
-    first, second = build(rng, 0), build(rng, 100)
-    ok_logits, ok_labels, ok_ids = good_batch(rng, range(200, 208))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _record(tracer, first)  # never raises
-        _record(tracer, second)
-        tracer.record(ok_logits, ok_labels, input_ids=ok_ids)  # the training loop goes on
-        stats = tracer.wait_for_save(n_epoch=0)
-
-    per_batch = SKIPPED.get(case, 8)
-    assert stats.rows_skipped == {reason: 2 * per_batch}
-    assert stats.total_skipped == 2 * per_batch
-    assert len(trace_warnings(caught, f"({reason})")) == 1, [str(w.message) for w in caught]
-    assert [w for w in caught if not issubclass(w.category, TraceWarning)] == []
-
-    rows = committed_rows(tmp_path, n_epoch=0)
-    expected = {str(i) for i in ok_ids} | {str(first["ids"][i]) for i in good_rows} \
-        | {str(second["ids"][i]) for i in good_rows}
-    assert ids_of(rows) == expected
-    assert stats.rows_written == len(expected)
-    for i in good_rows:  # the good rows of a partly bad batch are stored unchanged
-        row = rows[("train", 0, 0, str(first["ids"][i]))]
-        assert row["label"] == first["labels"][i]
-        np.testing.assert_array_equal(np.array(row["logits"], np.float32), first["outputs"][i])
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_strict_raises_with_the_fix(tmp_path, rng, case):
-    build, _, _, fragments = BAD_INPUTS[case]
-    tracer = make_tracer(tmp_path, strict=True)
-    with pytest.raises(TraceInputError) as info:
-        _record(tracer, build(rng, 0))
-    for fragment in fragments:
-        assert fragment in str(info.value)
-    assert isinstance(info.value, ValueError)
-    # the tracer stays usable; nothing of the refused batch is stored
-    ok_logits, ok_labels, ok_ids = good_batch(rng, range(200, 208))
-    tracer.record(ok_logits, ok_labels, input_ids=ok_ids)
-    stats = tracer.wait_for_save()
-    assert ids_of(committed_rows(tmp_path)) == {str(i) for i in ok_ids}
-    assert stats.total_skipped == 0
 
 
 def test_epoch_whose_batches_were_all_skipped_can_still_be_waited_for(tmp_path, rng):
