@@ -21,12 +21,11 @@ import pyarrow.dataset as ds
 import pytest
 from sklearn.metrics import accuracy_score
 
+from mldbg_callbacks.core.vectors import decode_vectors
 from mldbg_callbacks.evaluator import Evaluator
 from mldbg_callbacks.store import LocalStore
-from mldbg_callbacks.core.vectors import decode_vectors
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_child import MODEL, VERSION, N_SAMPLES, digits, shard_ids  # noqa: E402
+from training_child import MODEL, N_SAMPLES, VERSION, digits, shard_ids  # tests/reliability is on sys.path
 
 CHILD = Path(__file__).resolve().parent / "training_child.py"
 
