@@ -27,7 +27,7 @@ from training_child import MODEL, N_SAMPLES, VERSION, digits, trace_digits
 
 from mldbg_callbacks.core.trace_core import TraceCore, TraceWarning
 from mldbg_callbacks.core.vectors import decode_vectors
-from mldbg_callbacks.errors import TraceWriteError
+from mldbg_callbacks.errors import ResultWriteError, TraceWriteError
 from mldbg_callbacks.evaluator import Evaluator
 from mldbg_callbacks.store import LocalStore
 from mldbg_callbacks.tasks.classification import ClassificationCodec
@@ -115,9 +115,12 @@ def test_store_fails_mid_training_training_goes_on_the_loss_is_reported_and_the_
             with pytest.raises(TraceWriteError) as failure:
                 tracer.wait_for_save()
             stats = tracer.stats
-            # what was saved before the fault is intact and readable meanwhile
+            # what was saved before the fault is intact and readable meanwhile; an evaluation runs but cannot
+            # save its result there, and says so
             assert [p.n_epoch for p in store.partitions(MODEL, VERSION) if p.complete] == [0, 1]
             assert stored_ids(store, 1) == sorted(digits()[2])
+            with pytest.raises(ResultWriteError, match="could not be saved .* make the store writable or free space"):
+                Evaluator(MODEL, VERSION, store=store).request_evaluation(result_name="during-fault", n_epoch=1)
         message = str(failure.value)
         assert ("No space left on device" if fault == "disk_full" else "Read-only file system"
                 if os.geteuid() == 0 else "Permission denied") in message
