@@ -106,6 +106,15 @@ def test_sigkill_mid_epoch_leaves_committed_epochs_intact_and_resume_continues(t
     assert after.epochs == {"train": [0, 1, 2, 3]} and not any("not completely saved" in n for n in after.notes)
 
 
+def test_a_process_that_exits_without_waiting_saves_its_traces_at_exit(tmp_path):
+    store_dir = tmp_path / "store"
+    finish(start_child(store_dir, "--epochs", "2", "--no-wait"))  # no wait_for_save(), no close()
+    store = LocalStore(store_dir)
+    assert [p.n_epoch for p in store.partitions(MODEL, VERSION) if p.complete] == [0, 1]
+    for epoch in (0, 1):
+        check_epoch(store, epoch, shard_ids(0, 1))
+
+
 def test_one_rank_killed_the_other_ranks_shard_is_committed_and_the_missing_rank_is_reported(tmp_path):
     store_dir = tmp_path / "store"
     ready = tmp_path / "ready"

@@ -3,7 +3,8 @@
 It trains a softmax regression on scikit-learn's digits with plain NumPy SGD and traces every batch
 through the real ``ClassificationTracer`` into a LocalStore, one epoch after another: record the
 epoch's batches, ``wait_for_save(n_epoch)``, then save a checkpoint (weights + next epoch). With
-``--resume`` it continues from the checkpoint, as a restarted training job would.
+``--resume`` it continues from the checkpoint, as a restarted training job would; with ``--no-wait`` it
+never waits for its traces and simply exits (the tracer's exit handler must save them).
 
 The process is rank-aware through ``RANK`` / ``WORLD_SIZE`` (as torchrun sets them): it trains on its
 shard ``ids[rank::world_size]`` only.
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--ready-after", type=int, default=4, help="batches of the crash epoch before --ready")
     parser.add_argument("--ready", default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-wait", action="store_true", help="never call wait_for_save() or close(): exit as is")
     args = parser.parse_args()
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -104,11 +106,14 @@ def main() -> None:
                 time.sleep(0.02)
         if epoch == args.crash_epoch:
             time.sleep(3600)  # never finishes the epoch: the test kills the process
+        if args.no_wait:
+            continue
         tracer.wait_for_save(n_epoch=epoch)
         tmp = checkpoint.with_suffix(".tmp.npz")
         np.savez(tmp, weights=weights, next_epoch=epoch + 1)
         os.replace(tmp, checkpoint)
-    tracer.close()
+    if not args.no_wait:
+        tracer.close()
 
 
 if __name__ == "__main__":
