@@ -75,9 +75,12 @@ def _missing(partition: Partition) -> str:
     missing = sorted(set(range(world)) - set(partition.ranks_committed))
     label = "rank" if len(missing) == 1 else "ranks"
     stopped = [r for r in missing if r in partition.ranks_pending]
-    detail = (f"; {'rank' if len(stopped) == 1 else 'ranks'} {', '.join(map(str, stopped))} left uncommitted parts "
-              "(stopped mid-epoch)") if stopped else ""
-    return f"missing {label} {', '.join(map(str, missing))}{detail}"
+    text = f"missing {'rank' if len(missing) == 1 else 'ranks'} {', '.join(map(str, missing))}"
+    if stopped == missing and len(missing) == 1:
+        return text + ", which stopped mid-epoch and left only uncommitted parts"
+    if stopped:
+        return text + f"; {', '.join(map(str, stopped))} stopped mid-epoch and left only uncommitted parts"
+    return text
 
 
 def reference_key(committed: dict[str, list[int]], dataset_type: str, epoch: int,

@@ -90,7 +90,7 @@ def test_sigkill_mid_epoch_leaves_committed_epochs_intact_and_resume_continues(t
     assert plain_pyarrow_ids(store_dir) == Counter({(e, i): 1 for e in (0, 1) for i in every_id})
     before = Evaluator(MODEL, VERSION, store=store_dir).request_evaluation(result_name="after-crash")
     assert before.epochs == {"train": [1]}
-    assert any("train epoch 2 is not completely saved (missing rank 0; rank 0 left uncommitted parts" in note
+    assert any("train epoch 2 is not completely saved (missing rank 0, which stopped mid-epoch" in note
                for note in before.notes), before.notes
     table = store.read_traces(MODEL, VERSION, "train", [1])
     reference = accuracy_score(table.column("label").to_numpy(), decode_vectors(table, "logits").argmax(axis=1))
@@ -142,5 +142,5 @@ def test_one_rank_killed_the_other_ranks_shard_is_committed_and_the_missing_rank
     assert any("train epoch 1 is not completely saved (missing rank 1" in note for note in latest.notes), latest.notes
     partial = evaluator.request_evaluation(result_name="e1", n_epoch=1)
     assert partial.metrics_summary().iloc[0]["counts"] == len(shard_ids(0, 2))
-    assert any("1 of 2 ranks committed (missing rank 1; rank 1 left uncommitted parts" in note
+    assert any("1 of 2 ranks committed (missing rank 1, which stopped mid-epoch" in note
                for note in partial.notes), partial.notes
