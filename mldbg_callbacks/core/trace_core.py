@@ -242,7 +242,8 @@ class TraceCore:
         errors = [(k, e) for k, e in failures if not isinstance(e, _RowsDropped)]
         drops = [(k, e) for k, e in failures if isinstance(e, _RowsDropped)]
         causes = errors or [(k, e.cause) for k, e in drops]  # a drop remembers the error that caused it
-        details = "; ".join(dict.fromkeys(f"{k[0]} epoch {k[1]}: {e}" for k, e in causes[:5]))
+        details = "; ".join(dict.fromkeys(f"{k[0]}{'' if k[1] is None else f' epoch {k[1]}'}: {e}"
+                                          for k, e in causes[:5]))
         fix = getattr(self.sink, "failure_hint", None) or (
             f"Check that the store directory {getattr(self.sink, 'path', self.sink)} (MLD_HOME or store=) is "
             "writable and has free space")
@@ -321,7 +322,8 @@ class TraceCore:
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything
                 log.exception("mldbg-callbacks: tracing worker error")
                 self.skip("internal_error", 0, f"{type(exc).__name__}: {exc}")
-                if kind == "flush":
+                if kind == "flush":  # rows may be left unwritten: the caller asked for durability, so it is told
+                    self._record_write_failure(("tracing worker", payload), exc)
                     extra.set()
 
     def _handle_batch(self, item: PendingBatch | "_Encoded", size: int) -> None:
@@ -424,20 +426,26 @@ class TraceCore:
 
     def _write_buffer(self, key: PartitionKey) -> bool:
         tables = self._buffers.get(key)
-        if not tables:
-            return True
-        table = pa.concat_tables(tables)
-        try:
-            part = self.sink.write_part(key[0], key[1], self.rank, table)
-        except Exception as exc:  # noqa: BLE001
-            self._record_write_failure(key, exc)
-            return False
-        self._spilled_parts[key].append(part)
-        self._written_rows[key] += table.num_rows
-        del self._buffers[key]
+        while tables:
+            # One part per run of batches with the same columns: a batch given features= next to one without
+            # cannot share a Parquet file with it (readers combine the parts).
+            same = 1
+            while same < len(tables) and tables[same].schema.equals(tables[0].schema):
+                same += 1
+            table = pa.concat_tables(tables[:same])
+            try:
+                part = self.sink.write_part(key[0], key[1], self.rank, table)
+            except Exception as exc:  # noqa: BLE001
+                self._record_write_failure(key, exc)
+                return False
+            self._spilled_parts[key].append(part)
+            self._written_rows[key] += table.num_rows
+            self._buffer_rows[key] -= table.num_rows
+            del tables[:same]
+            with self._lock:
+                self._stats.rows_written += table.num_rows
+        self._buffers.pop(key, None)
         self._buffer_rows.pop(key, None)
-        with self._lock:
-            self._stats.rows_written += table.num_rows
         return True
 
     def _bound_failed_buffer(self, key: PartitionKey) -> None:

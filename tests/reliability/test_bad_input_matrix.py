@@ -44,6 +44,7 @@ class BadInput:
     kept: tuple[int, ...] = ()  # units of the bad batch that fail-safe mode still stores
     units: int = 4
     always: type[Exception] | None = None  # raised in both modes (a usage error, e.g. a bad name)
+    prime: Callable | None = None  # the batch recorded before (default: the task's good batch)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,13 @@ CLASSIFICATION = Task(
                                ("(batch, num_classes)",), units=8),
         "outputs_not_numeric": BadInput(replace(classification_good, outputs=np.full((8, C), "x")), "invalid_batch",
                                         ("outputs must be numeric scores",), units=8),
+        "features_nan": BadInput(replace(classification_good, features=lambda b: np.where(
+            np.arange(8)[:, None] == 3, np.nan, np.ones((8, 4), np.float32))), "non_finite_features",
+            ("features contain NaN or Inf",), kept=(0, 1, 2, 4, 5, 6, 7), units=8),
+        "features_width_changes": BadInput(replace(classification_good, features=np.ones((8, 6), np.float32)),
+                                           "invalid_batch", ("features have 6 values per sample but earlier batches "
+                                                             "had 4", "feature_layer="), units=8,
+                                           prime=replace(classification_good, features=np.ones((8, 4), np.float32))),
         "class_count_changes": BadInput(replace(classification_good, outputs=np.zeros((8, C + 2), np.float32)),
                                         "invalid_batch", ("outputs has 5 columns but earlier batches had 3",
                                                           "one model head per tracer"), units=8),
@@ -287,7 +295,7 @@ def trace_warnings(caught, reason: str) -> list:
 def check_fail_safe(task: Task, case: BadInput, store_dir, rng) -> None:
     tracer = task.make_tracer(store_dir, "fail-safe", False)
     kwargs = {"dataset_type": task.dataset_type}
-    prime, good = task.good(rng, 300), task.good(rng, 200)
+    prime, good = (case.prime or task.good)(rng, 300), task.good(rng, 200)
     bad = [case.build(rng, 0), case.build(rng, 100)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -314,7 +322,7 @@ def check_fail_safe(task: Task, case: BadInput, store_dir, rng) -> None:
 def check_strict(task: Task, case: BadInput, store_dir, rng) -> None:
     tracer = task.make_tracer(store_dir, "strict", True)
     kwargs = {"dataset_type": task.dataset_type}
-    prime, good = task.good(rng, 300), task.good(rng, 200)
+    prime, good = (case.prime or task.good)(rng, 300), task.good(rng, 200)
     tracer.record(**{**kwargs, **prime})
     with pytest.raises(TraceInputError) as info:
         tracer.record(**{**kwargs, **case.build(rng, 0)})
