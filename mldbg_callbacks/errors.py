@@ -17,6 +17,10 @@ class TraceWriteError(MLDebuggerError, OSError):
     """Traces could not be made durable (disk full, read-only directory, ...)."""
 
 
+class ResultWriteError(MLDebuggerError, OSError):
+    """An evaluation finished but its result could not be saved in the store (read-only, full)."""
+
+
 class EpochNotRecordedError(MLDebuggerError, KeyError):
     """wait_for_save() was asked for an epoch that no record() call used."""
 

@@ -20,6 +20,7 @@ from .evaluation.detection import evaluate_detection
 from .evaluation.detection3d import evaluate_detection3d
 from .evaluation.pipeline import evaluate_classification
 from .evaluation.result import Result
+from .errors import ResultWriteError
 from .evaluation.selection import select_epochs
 from .store import LocalStore, RemoteStore, resolve_store
 from .store.names import validate_name
@@ -113,7 +114,13 @@ def evaluate_and_save(store: LocalStore, model_name: str, version_name: str, *, 
     tables = {name: getattr(evaluation, name) for name in ("samples", "metrics", "categories", "history",
                                                              "per_class", "tide", "images")
               if getattr(evaluation, name, None) is not None}
-    store.save_result(model_name, version_name, name, result_meta, tables)
+    try:
+        store.save_result(model_name, version_name, name, result_meta, tables)
+    except OSError as exc:  # a read-only or full store: reading the traces worked, saving did not
+        raise ResultWriteError(
+            f"the evaluation of {model_name}/{version_name} finished but its result could not be saved in "
+            f"{store.results_dir(model_name, version_name)} ({exc}); make the store writable or free space "
+            "(MLD_HOME or store=), then evaluate again") from exc
     return Result(result_meta, tables)
 
 

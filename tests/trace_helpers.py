@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from mldbg_callbacks.core.trace_core import TraceCore
 from mldbg_callbacks.store.local import RunWriter
@@ -29,3 +30,13 @@ def failing_part_writes(monkeypatch) -> dict:
 
     monkeypatch.setattr(RunWriter, "write_part", flaky_write_part)
     return state
+
+
+class ThrottledSink(RunWriter):
+    """A real LocalStore writer whose part writes take at least ``delay`` seconds: a store slower than training."""
+
+    delay = 0.03
+
+    def write_part(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return super().write_part(*args, **kwargs)

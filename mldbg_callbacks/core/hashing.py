@@ -36,6 +36,8 @@ def batch_ids(input_ids: Any, inputs: Any, size: int) -> np.ndarray:
         if isinstance(inputs, (list, tuple)):
             return np.array([row_hashes(to_numpy(x)[None])[0] for x in inputs], dtype=object)
         return row_hashes(to_numpy(inputs))
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(i, str) for i in input_ids):
+        input_ids = np.array(input_ids, dtype=object)  # NumPy's str dtype drops trailing NULs: "a\0" became "a"
     ids = to_numpy(input_ids)
     if ids.ndim != 1:
         raise TraceInputError(f"input_ids must be one id per sample (1-D), got shape {ids.shape}")
@@ -47,4 +49,11 @@ def batch_ids(input_ids: Any, inputs: Any, size: int) -> np.ndarray:
         ids = ids.astype(np.int64)
     if ids.dtype.kind in "iu":  # Arrow's cast is ~6x faster than NumPy's int -> str
         return pa.array(ids).cast(pa.string()).to_numpy(zero_copy_only=False)
+    if ids.dtype.kind == "O":  # strings as given (astype(str) would drop trailing NULs); anything else below
+        try:
+            strings = pa.array(ids, type=pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            strings = None
+        if strings is not None and not strings.null_count:  # None ids stay "None", as before
+            return strings.to_numpy(zero_copy_only=False)
     return ids.astype(str).astype(object)

@@ -234,13 +234,26 @@ class TraceCore:
                           "upload, or run `mldbg sync` once the server is back (tracer.stats.pending_uploads)",
                           TraceWarning, stacklevel=2)
         if failures:
-            details = "; ".join(f"{k[0]} epoch {k[1]}: {e}" for k, e in failures[:5])
-            fix = getattr(self.sink, "failure_hint", None) or (
-                f"Check that the store directory {getattr(self.sink, 'path', self.sink)} (MLD_HOME or store=) is "
-                "writable and has free space")
-            raise TraceWriteError(f"{len(failures)} trace write(s) failed ({details}). {fix}; the rows are kept in "
-                                  "memory and are written by the next wait_for_save().")
+            raise TraceWriteError(self._failure_message(failures))
         return stats
+
+    def _failure_message(self, failures: list[tuple[PartitionKey, BaseException]]) -> str:
+        """What failed (the store's own errors first, not the drops they caused), the fix, and what was lost."""
+        errors = [(k, e) for k, e in failures if not isinstance(e, _RowsDropped)]
+        drops = [(k, e) for k, e in failures if isinstance(e, _RowsDropped)]
+        causes = errors or [(k, e.cause) for k, e in drops]  # a drop remembers the error that caused it
+        details = "; ".join(dict.fromkeys(f"{k[0]}{'' if k[1] is None else f' epoch {k[1]}'}: {e}"
+                                          for k, e in causes[:5]))
+        fix = getattr(self.sink, "failure_hint", None) or (
+            f"Check that the store directory {getattr(self.sink, 'path', self.sink)} (MLD_HOME or store=) is "
+            "writable and has free space")
+        message = (f"{len(errors) or len(drops)} trace write(s) failed ({details}). {fix}; the rows still held in "
+                   "memory are written by the next wait_for_save().")
+        if drops:
+            rows = sum(e.rows for _, e in drops)
+            message += (f" {rows} row(s) were dropped for good: the store kept failing while the retry buffer "
+                        "(4 parts per epoch) was full (tracer.stats.rows_skipped['write_failed']).")
+        return message
 
     def close(self, timeout_s: float | None = 60.0) -> None:
         """Save everything still buffered and stop the worker."""
@@ -309,7 +322,8 @@ class TraceCore:
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything
                 log.exception("mldbg-callbacks: tracing worker error")
                 self.skip("internal_error", 0, f"{type(exc).__name__}: {exc}")
-                if kind == "flush":
+                if kind == "flush":  # rows may be left unwritten: the caller asked for durability, so it is told
+                    self._record_write_failure(("tracing worker", payload), exc)
                     extra.set()
 
     def _handle_batch(self, item: PendingBatch | "_Encoded", size: int) -> None:
@@ -412,20 +426,26 @@ class TraceCore:
 
     def _write_buffer(self, key: PartitionKey) -> bool:
         tables = self._buffers.get(key)
-        if not tables:
-            return True
-        table = pa.concat_tables(tables)
-        try:
-            part = self.sink.write_part(key[0], key[1], self.rank, table)
-        except Exception as exc:  # noqa: BLE001
-            self._record_write_failure(key, exc)
-            return False
-        self._spilled_parts[key].append(part)
-        self._written_rows[key] += table.num_rows
-        del self._buffers[key]
+        while tables:
+            # One part per run of batches with the same columns: a batch given features= next to one without
+            # cannot share a Parquet file with it (readers combine the parts).
+            same = 1
+            while same < len(tables) and tables[same].schema.equals(tables[0].schema):
+                same += 1
+            table = pa.concat_tables(tables[:same])
+            try:
+                part = self.sink.write_part(key[0], key[1], self.rank, table)
+            except Exception as exc:  # noqa: BLE001
+                self._record_write_failure(key, exc)
+                return False
+            self._spilled_parts[key].append(part)
+            self._written_rows[key] += table.num_rows
+            self._buffer_rows[key] -= table.num_rows
+            del tables[:same]
+            with self._lock:
+                self._stats.rows_written += table.num_rows
+        self._buffers.pop(key, None)
         self._buffer_rows.pop(key, None)
-        with self._lock:
-            self._stats.rows_written += table.num_rows
         return True
 
     def _bound_failed_buffer(self, key: PartitionKey) -> None:
@@ -435,8 +455,9 @@ class TraceCore:
             self._buffer_rows[key] -= dropped.num_rows
             self.skip("write_failed", dropped.num_rows, "the store kept failing and the retry buffer is full")
             with self._lock:  # lost for good: reported by wait_for_save() even after the store recovers
-                self._write_failures.append((key, _RowsDropped(
-                    f"{dropped.num_rows} row(s) dropped because the store kept failing")))
+                cause = next((e for k, e in reversed(self._write_failures)
+                              if k == key and not isinstance(e, _RowsDropped)), None)
+                self._write_failures.append((key, _RowsDropped(dropped.num_rows, cause)))
 
     def _record_write_failure(self, key: PartitionKey, exc: BaseException) -> None:
         with self._lock:
@@ -445,15 +466,22 @@ class TraceCore:
             self._write_failures = [(k, e) for k, e in self._write_failures
                                     if k != key or isinstance(e, _RowsDropped)]
             self._write_failures.append((key, exc))
-            first = "write_failed" not in self._warned
-            self._warned.add("write_failed")
+            # its own key: the rows later dropped for it ("write_failed") get their own warning
+            first = "write_error" not in self._warned
+            self._warned.add("write_error")
         if first:
             warnings.warn(f"mldbg-callbacks could not write traces ({exc}); training goes on and "
                           "wait_for_save() will report it", TraceWarning, stacklevel=2)
 
 
 class _RowsDropped(Exception):
-    """A write failure whose rows were given up (not cleared by a later successful commit)."""
+    """A write failure whose rows were given up (not cleared by a later successful commit); ``cause`` is the
+    store's error that made the buffer overflow."""
+
+    def __init__(self, rows: int, cause: BaseException | None):
+        super().__init__(f"{rows} row(s) dropped because the store kept failing ({cause})")
+        self.rows = rows
+        self.cause = cause
 
 
 @dataclass

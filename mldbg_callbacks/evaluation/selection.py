@@ -36,6 +36,7 @@ def select_epochs(partitions: list[Partition], n_epoch: "str | int | None" = "la
     by_dataset: dict[str, list[Partition]] = {}
     for partition in readable:
         by_dataset.setdefault(partition.dataset_type, []).append(partition)
+    newest = {p.dataset_type: p for p in sorted(partitions, key=lambda p: p.n_epoch)}  # committed or not
 
     selection = Selection({})
     for dataset_type, parts in sorted(by_dataset.items()):
@@ -46,6 +47,10 @@ def select_epochs(partitions: list[Partition], n_epoch: "str | int | None" = "la
             if not complete:
                 selection.notes.append(f"{dataset_type}: no epoch is completely saved; evaluating epoch "
                                        f"{parts[-1].n_epoch} with the ranks that committed")
+            elif newest[dataset_type].n_epoch > chosen[0].n_epoch:  # a newer epoch lacks a rank (or every rank)
+                selection.notes.append(
+                    f"{dataset_type} epoch {newest[dataset_type].n_epoch} is not completely saved "
+                    f"({_missing(newest[dataset_type])}); evaluating epoch {chosen[0].n_epoch}, the newest complete one")
         elif n_epoch is None:
             chosen = parts
         else:
@@ -55,13 +60,27 @@ def select_epochs(partitions: list[Partition], n_epoch: "str | int | None" = "la
                 selection.notes.append(
                     f"{dataset_type} epoch {partition.n_epoch}: {len(partition.ranks_committed)} of "
                     f"{max(partition.world_size, len(partition.ranks_committed) + len(partition.ranks_pending))} "
-                    "ranks committed; evaluating what is committed")
+                    f"ranks committed ({_missing(partition)}); evaluating what is committed")
         if chosen:
             selection.epochs[dataset_type] = [p.n_epoch for p in chosen]
     if not selection.epochs:
         available = sorted({p.n_epoch for p in readable})
         raise NoTracesError(f"n_epoch={n_epoch} has no committed traces; committed epochs: {available}")
     return selection
+
+
+def _missing(partition: Partition) -> str:
+    """Which ranks of a partially committed partition are missing, for the user's note ("missing rank 1")."""
+    world = max(partition.world_size, max(partition.ranks_committed + partition.ranks_pending, default=-1) + 1)
+    missing = sorted(set(range(world)) - set(partition.ranks_committed))
+    label = "rank" if len(missing) == 1 else "ranks"
+    stopped = [r for r in missing if r in partition.ranks_pending]
+    text = f"missing {'rank' if len(missing) == 1 else 'ranks'} {', '.join(map(str, missing))}"
+    if stopped == missing and len(missing) == 1:
+        return text + ", which stopped mid-epoch and left only uncommitted parts"
+    if stopped:
+        return text + f"; {', '.join(map(str, stopped))} stopped mid-epoch and left only uncommitted parts"
+    return text
 
 
 def reference_key(committed: dict[str, list[int]], dataset_type: str, epoch: int,

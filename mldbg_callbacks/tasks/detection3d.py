@@ -31,8 +31,11 @@ BOX_LAYOUT = "[cx, cy, cz, w, l, h, yaw] (+ vx, vy)"
 
 
 def normalize_yaw(yaw: np.ndarray) -> np.ndarray:
-    """Angles to [-pi, pi)."""
-    return (yaw + np.pi) % (2 * np.pi) - np.pi
+    """Angles to [-pi, pi). Angles already in range are kept bit for bit: the shift by pi would round away
+    up to ~4e-16 rad (a yaw of 1e-16 became 0), so a stored box would not be the box the model gave."""
+    yaw = np.asarray(yaw)
+    in_range = (yaw >= -np.pi) & (yaw < np.pi)
+    return np.where(in_range, yaw, (yaw + np.pi) % (2 * np.pi) - np.pi)
 
 
 class Detection3DCodec(DetectionCodec):
