@@ -20,8 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import requests
-from server_utils import ServerProcess, free_port, running_server
-from sklearn.datasets import load_digits
+from server_utils import MODEL, VERSION, ServerProcess, digits_arrays, free_port, running_server
+from server_utils import digits_tracer as _tracer, train_digits as _train
 from sklearn.linear_model import SGDClassifier
 
 from mldbg_callbacks.errors import NoTracesError
@@ -30,31 +30,9 @@ from mldbg_callbacks.store import LocalStore, RemoteStore
 from mldbg_callbacks.store.remote import encode_chunk
 from mldbg_callbacks.training import ClassificationTracer
 
-MODEL, VERSION = "digits", "v1"
-
-
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(return_X_y=True)
-    return x[:600].astype(np.float32), y[:600], np.array([f"d{i:04d}" for i in range(600)])
-
-
-def _train(tracer, digits, epochs: int = 3, seed: int = 0) -> None:
-    """Real SGD training on digits, traced on train and test every epoch."""
-    x, y, ids = digits
-    model = SGDClassifier(loss="log_loss", random_state=seed)
-    for epoch in range(epochs):
-        model.partial_fit(x[:450], y[:450], classes=np.arange(10))
-        for dataset, part in (("train", slice(0, 450)), ("test", slice(450, None))):
-            for start in range(part.start, part.stop or len(y), 64):
-                stop = min(start + 64, part.stop or len(y))
-                tracer.record(model.predict_proba(x[start:stop]), y[start:stop], input_ids=ids[start:stop],
-                              dataset_type=dataset, n_epoch=epoch)
-
-
-def _tracer(store, **kwargs) -> ClassificationTracer:
-    return ClassificationTracer(lambda x: x, kwargs.pop("model_name", MODEL), kwargs.pop("version_name", VERSION),
-                                store=store, feature_layer=False, **kwargs)
+    return digits_arrays()
 
 
 def _remote(server: ServerProcess, key: str, tmp_path, **kwargs) -> RemoteStore:
@@ -403,12 +381,6 @@ def test_remote_store_pickles_for_ddp_workers(tmp_path):
     clone = pickle.loads(pickle.dumps(tracer.core.sink))
     assert clone.store.endpoint == store.endpoint and clone.pending().entries == 0
     assert copy.deepcopy(store).client.api_key == "mldbg_x"
-
-
-def test_ui_binds_loopback_only(tmp_path):
-    refused = subprocess.run([sys.executable, "-m", "mldbg_callbacks.cli", "--store", str(tmp_path), "ui", "--host",
-                              "0.0.0.0"], capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "mldbg serve" in refused.stdout
 
 
 def test_ui_serves_a_local_store_without_keys(tmp_path, digits):
