@@ -15,6 +15,7 @@ import collections
 import hashlib
 import io
 import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -205,6 +206,11 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# The one route whose body may be as large as an upload (not any path with "/chunks/" in it: a model
+# or version named "chunks" would lift a JSON route's limit)
+_CHUNK_PATH = re.compile(r"^/v1/projects/[^/]+/models/[^/]+/versions/[^/]+/traces/[^/]+/\d+/\d+/chunks/[0-9a-f]{64}$")
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a body over its route's limit, by Content-Length or while streaming."""
 
@@ -215,32 +221,38 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.config.max_chunk_bytes if "/chunks/" in scope["path"] else self.config.max_json_bytes
+        is_upload = scope["method"] == "PUT" and _CHUNK_PATH.match(scope["path"])
+        limit = self.config.max_chunk_bytes if is_upload else self.config.max_json_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes"})
-        received = 0
-        started = False
+        received, overflowed, answered = 0, False, False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, overflowed
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    overflowed = True
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def guarded_send(message):
+            nonlocal answered
+            if overflowed:  # whatever the app made of a body cut short (FastAPI: 400, "error parsing the body")
+                if not answered:
+                    answered = True
+                    await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes"})
+                return
+            answered = answered or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            if not started:
+            if not answered:
                 await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes"})
 
 
@@ -376,7 +388,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         if hashlib.sha256(body).hexdigest() != chunk_id:
             raise HTTPException(400, "chunk id is not the SHA-256 of the body (corrupted in transit?)")
         try:
-            table = read_chunk(body, max_bytes=16 * config.max_chunk_bytes)
+            # a value takes a byte or more, but a list of nulls none: its count is bounded apart
+            table = read_chunk(body, max_bytes=16 * config.max_chunk_bytes, max_values=config.max_chunk_bytes)
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         store.run(model_name, version_name).write_part(dataset_type, n_epoch, rank, table, name=_part_name(chunk_id))
