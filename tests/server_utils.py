@@ -37,6 +37,7 @@ class ServerProcess:
     command: str = "serve"
     db: str | None = None
     extra: tuple = ()
+    env: dict | None = None  # added to the environment (which is cleared of MLD_* variables)
     process: subprocess.Popen | None = None
 
     @property
@@ -48,7 +49,7 @@ class ServerProcess:
                 "--port", str(self.port), *self.extra]
         if self.db and self.command == "serve":
             args += ["--db", self.db]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLD_")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLD_")}, **(self.env or {})}
         self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -86,8 +87,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(store: Path | str, *, command: str = "serve", db: str | None = None, extra: tuple = ()):
-    server = ServerProcess(store, free_port(), command=command, db=db, extra=extra).start()
+def running_server(store: Path | str, *, command: str = "serve", db: str | None = None, extra: tuple = (),
+                   env: dict | None = None):
+    server = ServerProcess(store, free_port(), command=command, db=db, extra=extra, env=env).start()
     try:
         yield server
     finally:

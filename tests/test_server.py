@@ -2,7 +2,8 @@
 
 Covers the REST API (auth, project scoping, uploads, commits, evaluations, results), the HttpSink
 (idempotent chunks, retries, spool, `mldbg sync`), and faults: bad keys, oversized or corrupt bodies,
-traversal names, a server killed mid-upload, a server that never answers.
+a server killed mid-upload, a server that never answers. Attacks (traversal through every name field,
+other projects' keys, bombs, fuzzing of the schema) are in tests/security.
 """
 
 from __future__ import annotations
@@ -257,26 +258,6 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(tmp_path):
         assert requests.put(base + "/meta", json={"task": "object_detection"}, headers=headers).status_code == 409
         assert requests.put(base + "/meta", json={"no": "task"}, headers=headers).status_code == 400
         assert requests.post(f"{traces}/commit", data="x" * 2_000_000, headers=headers).status_code == 413
-
-
-@pytest.mark.parametrize("name", ["..", "a..b", "%2e%2e", "a%2Fb", "a%00b", "%00", ".hidden", "a%5Cb"])
-def test_names_cannot_escape_the_store(server, name):
-    key = server.create_key("p")
-    headers = {"Authorization": f"Bearer {key}"}
-    body = _chunk()
-    chunk_id = hashlib.sha256(body).hexdigest()
-    urls = [f"{server.url}/v1/projects/p/models/{name}/versions/v/traces/train/0/0/chunks/{chunk_id}",
-            f"{server.url}/v1/projects/p/models/m/versions/{name}/traces/train/0/0/chunks/{chunk_id}",
-            f"{server.url}/v1/projects/p/models/m/versions/v/traces/{name}/0/0/chunks/{chunk_id}",
-            f"{server.url}/v1/projects/{name}/models/m/versions/v/traces/train/0/0/chunks/{chunk_id}"]
-    for url in urls:
-        answer = requests.put(url, data=body, headers=headers)
-        assert answer.status_code in (400, 404, 422), (url, answer.status_code, answer.text)
-    result_url = f"{server.url}/v1/projects/p/models/m/versions/v/results/{name}"
-    assert requests.get(result_url, headers=headers).status_code in (400, 404, 422)
-    files = [p for p in server.store.parent.rglob("*") if p.is_file()]
-    assert all(p.is_relative_to(server.store) for p in files)
-    assert not list(server.store.rglob("*.parquet"))
 
 
 def test_openapi_schema_is_published_and_lists_the_api(server):

@@ -71,7 +71,7 @@ def run_server_command(args: argparse.Namespace, console: Console) -> int:
             return 2
         config = ServerConfig(store=_store_dir(args), local=True, ui_key=ui_key)
         if ui_key is not None and "MLD_UI_KEY" not in os.environ:
-            console.print("key of this UI (every request needs it; shown once, or set MLD_UI_KEY next time):")
+            console.print("key of this UI (shown once; MLD_UI_KEY sets it):")  # short: never wrapped
             print(ui_key, flush=True)
     else:
         config = ServerConfig(store=_store_dir(args), db=args.db, max_chunk_bytes=int(args.max_upload_mb * (1 << 20)))

@@ -7,7 +7,8 @@ or none, can try through the API, and what the server must answer.
   project: the 404 of a project that does not exist, never data, nothing written;
 - bodies over the limit on every route that takes one (declared, streamed, lying), a header bomb;
 - decompression bombs and absurd list lengths in uploads: 413 before the memory is taken (the server's
-  peak RSS is measured), malformed Arrow (hypothesis mutates a valid chunk): never a 5xx.
+  peak RSS is measured), malformed Arrow (hypothesis mutates a valid chunk): never a 5xx;
+- markup in the ids a trace holds is escaped in the HTML report the server serves.
 
 (`tests/test_server.py` keeps the upload protocol's own refusals: corrupt bodies, wrong ids, strict JSON.)
 """
@@ -27,8 +28,9 @@ import pyarrow as pa
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
-from server_utils import MODEL, VERSION, running_server
+from server_utils import MODEL, VERSION, digits_arrays, digits_tracer, running_server, train_digits
 
+from mldbg_callbacks.evaluator import Evaluator
 from mldbg_callbacks.server.app import ARROW_STREAM
 from mldbg_callbacks.store.names import NAME_PATTERN
 from mldbg_callbacks.store.remote import encode_chunk
@@ -291,3 +293,19 @@ def test_malformed_arrow_never_gets_a_5xx(small_limit_server, data):
     answer = put_chunk(process, headers, bytes(body), version="fuzz")
     assert answer.status_code < 500, (answer.status_code, answer.text)
     assert answer.status_code in (200, 400, 413), (answer.status_code, answer.text)
+
+
+def test_markup_in_trace_ids_is_escaped_in_the_served_report(seeded):
+    """Input ids are free text a project member uploads; the HTML report the server serves shows them
+    (issue examples) as text, so another member opening it runs nothing."""
+    x, y, _ = digits_arrays(120)
+    ids = np.array([f"<script>alert({i})</script>" if i % 2 else f'"><img src=x onerror=alert({i})>' for i in range(120)])
+    tracer = digits_tracer(seeded.process.store / "alpha", version_name="markup")
+    train_digits(tracer, (x, y, ids), epochs=1)
+    tracer.wait_for_save()
+    Evaluator(MODEL, "markup", store=seeded.process.store / "alpha").request_evaluation(result_name="r")
+    report = requests.get(f"{seeded.url}/v1/projects/alpha/models/{MODEL}/versions/markup/results/r/report.html",
+                          headers=seeded.headers("alpha"), timeout=60)
+    assert report.ok
+    assert "&lt;script&gt;alert(" in report.text or "&lt;img src=x" in report.text  # the ids are there, as text
+    assert "<script>alert(" not in report.text and "<img src=x" not in report.text
