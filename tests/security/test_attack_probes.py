@@ -21,7 +21,6 @@ import io
 import json
 import re
 import time
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
