@@ -6,7 +6,7 @@
     mldbg show MODEL VERSION RESULT         the summary of one result
     mldbg report MODEL VERSION -o report.html [--result NAME]
                                             a self-contained HTML report (the newest result, or --result)
-    mldbg ui [--port 8765]                  the web UI over a local store (loopback only, no key)
+    mldbg ui [--port 8765]                  the web UI over a local store (loopback, no key; --expose: a key)
     mldbg serve [--host H] [--port P] [--db URL]
                                             the team server: REST API /v1 and web UI (extra [server])
     mldbg keys create --project P | list | revoke KEY_ID
@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--result", default=None, help="result name (default: the newest; evaluates if none)")
     ui = commands.add_parser("ui", help="serve the web UI over a local store (loopback only, no key)")
     ui.add_argument("--port", type=int, default=8765)
-    ui.add_argument("--host", default="127.0.0.1", help="a loopback address; to share runs use `mldbg serve`")
+    ui.add_argument("--host", default="127.0.0.1", help="a loopback address unless --expose; to share runs with a "
+                                                        "team use `mldbg serve`")
+    ui.add_argument("--expose", action="store_true", help="allow a non-loopback --host; every request then needs a "
+                                                          "key (MLD_UI_KEY, else one generated and printed)")
     serve = commands.add_parser("serve", help="run the team server (REST API under /v1 and the web UI)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept other machines)")
     serve.add_argument("--port", type=int, default=8000)

@@ -12,10 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import requests
 
 from mldbg_callbacks.server.app import ServerConfig
 from mldbg_callbacks.server.db import Database
+from mldbg_callbacks.training import ClassificationTracer
+
+MODEL, VERSION = "digits", "v1"
 
 
 def free_port() -> int:
@@ -33,6 +37,7 @@ class ServerProcess:
     command: str = "serve"
     db: str | None = None
     extra: tuple = ()
+    env: dict | None = None  # added to the environment (which is cleared of MLD_* variables)
     process: subprocess.Popen | None = None
 
     @property
@@ -44,7 +49,7 @@ class ServerProcess:
                 "--port", str(self.port), *self.extra]
         if self.db and self.command == "serve":
             args += ["--db", self.db]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLD_")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLD_")}, **(self.env or {})}
         self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -82,9 +87,41 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(store: Path | str, *, command: str = "serve", db: str | None = None, extra: tuple = ()):
-    server = ServerProcess(store, free_port(), command=command, db=db, extra=extra).start()
+def running_server(store: Path | str, *, command: str = "serve", db: str | None = None, extra: tuple = (),
+                   env: dict | None = None):
+    server = ServerProcess(store, free_port(), command=command, db=db, extra=extra, env=env).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+# -- a real run to serve: SGD on scikit-learn's digits ----------------------------------------------
+def digits_arrays(n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, labels and input ids of the first ``n`` digits."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return x[:n].astype(np.float32), y[:n], np.array([f"d{i:04d}" for i in range(n)])
+
+
+def train_digits(tracer, digits, epochs: int = 3, seed: int = 0) -> None:
+    """Real SGD training on digits (the first 3/4 train, the rest test), traced on both every epoch."""
+    from sklearn.linear_model import SGDClassifier
+
+    x, y, ids = digits
+    split = len(y) * 3 // 4
+    model = SGDClassifier(loss="log_loss", random_state=seed)
+    for epoch in range(epochs):
+        model.partial_fit(x[:split], y[:split], classes=np.arange(10))
+        for dataset, part in (("train", slice(0, split)), ("test", slice(split, len(y)))):
+            for start in range(part.start, part.stop, 64):
+                stop = min(start + 64, part.stop)
+                tracer.record(model.predict_proba(x[start:stop]), y[start:stop], input_ids=ids[start:stop],
+                              dataset_type=dataset, n_epoch=epoch)
+
+
+def digits_tracer(store, **kwargs) -> ClassificationTracer:
+    """A tracer of MODEL/VERSION (or ``model_name`` / ``version_name``) writing to ``store``."""
+    return ClassificationTracer(lambda x: x, kwargs.pop("model_name", MODEL), kwargs.pop("version_name", VERSION),
+                                store=store, feature_layer=False, **kwargs)

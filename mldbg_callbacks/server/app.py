@@ -7,6 +7,7 @@ evaluator, the Parquet readers and ``mldbg ui`` work on it unchanged). Uploads a
 streams named by the SHA-256 of their bytes; a part is written under that name, so a retried upload
 rewrites the same file and is recorded once. Every route but ``/v1/health`` needs an API key of the
 project in its path; a key of another project gets the same 404 as a project that does not exist.
+``mldbg ui`` (``local=True``) needs no key on loopback; exposed (``ui_key``) it needs that one key.
 """
 
 
@@ -14,6 +15,7 @@ import collections
 import hashlib
 import io
 import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,8 +34,8 @@ from .. import __version__
 from ..errors import InvalidNameError, MLDebuggerError, NoTracesError
 from ..evaluation.result import Result
 from ..store.local import LocalStore, is_local_path, store_path
-from ..store.names import validate_name
-from .db import Database
+from ..store.names import NAME_PATTERN, validate_name
+from .db import Database, KeyCheck, key_hash, key_matches
 from .uploads import UploadError, read_chunk
 
 STATIC = Path(__file__).parent / "static"
@@ -51,7 +54,9 @@ class ServerConfig:
             when the store is a URL).
         max_chunk_bytes: largest upload body accepted (413 beyond).
         max_json_bytes: largest JSON body accepted.
-        local: ``mldbg ui`` mode: no keys, one project ``local`` whose store is ``store`` itself.
+        local: ``mldbg ui`` mode: one project ``local`` whose store is ``store`` itself, no API keys.
+        ui_key: in ``mldbg ui`` mode, the one key every request must carry (``mldbg ui --expose``);
+            None: no key (the UI then binds loopback only).
     """
 
     store: str | Path
@@ -59,6 +64,7 @@ class ServerConfig:
     max_chunk_bytes: int = 64 << 20
     max_json_bytes: int = 1 << 20
     local: bool = False
+    ui_key: str | None = None
 
     def database_url(self) -> str:
         if self.db:
@@ -69,6 +75,13 @@ class ServerConfig:
                                    "sqlite:///path/server.db or --db postgresql://…")
         root.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{root / '.mldbg-server.db'}"
+
+
+# The store's name rule, published in the schema; checked by validate_name, whose 400 names the fix
+# (a pattern checked by FastAPI would answer a bare 422).
+NAME_SCHEMA = {"pattern": NAME_PATTERN}
+Name = Annotated[str, PathParam(min_length=1, max_length=128, json_schema_extra=NAME_SCHEMA)]
+OtherName = Annotated[str, Query(min_length=1, max_length=128, json_schema_extra=NAME_SCHEMA)]
 
 
 # -- request bodies (strict: unknown fields and wrong types are 422) --------------------------------
@@ -82,12 +95,35 @@ class CommitRequest(_Strict):
 
 
 class EvaluationRequest(_Strict):
-    result_name: str | None = None
+    result_name: str | None = Field(default=None, min_length=1, max_length=128, json_schema_extra=NAME_SCHEMA)
     n_epoch: int | Literal["latest", "all"] = "latest"
     risk: float = Field(default=0.05, gt=0, lt=1)
 
 
-Name = Annotated[str, PathParam(min_length=1, max_length=128)]
+class ErrorDetail(BaseModel):
+    """Every error answer: ``detail`` says what was wrong and, where there is one, the fix."""
+
+    detail: str | dict[str, Any] | list[Any]
+
+
+_ERROR_MEANINGS = {
+    400: "an invalid name, parameter or body (the detail names it)",
+    401: "a missing, malformed or unknown API key",
+    403: "a revoked API key",
+    404: "no such project (or not the key's), model, version, result or job",
+    409: "conflicts with what is stored (the detail says what)",
+    413: "the body is over the server's limit",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route: the error statuses it can answer (declared, so clients and
+    schema checkers know them)."""
+    return {status: {"model": ErrorDetail, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+PROJECT_ERRORS = _errors(400, 401, 403, 404)
+UPLOAD_ERRORS = _errors(400, 401, 403, 404, 409, 413)
 
 
 class Server:
@@ -98,12 +134,28 @@ class Server:
         self.root = store_path(config.store)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = Database(config.database_url())
+        self._ui_key_hash = key_hash(config.ui_key) if config.ui_key else None
         self.db.fail_unfinished_jobs()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mldbg-evaluate")
         self.progress: dict[str, tuple[str, int, int]] = {}
         self.commit_lock = threading.Lock()  # commits read-modify-write a rank's marker
         self._results: collections.OrderedDict = collections.OrderedDict()
         self._results_lock = threading.Lock()
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether requests need a key: always for ``mldbg serve``, for ``mldbg ui`` when exposed."""
+        return not self.config.local or self._ui_key_hash is not None
+
+    def check_key(self, key: str | None) -> KeyCheck:
+        """The project ``key`` opens (a server key: its project; ``mldbg ui``: the local project), or why none."""
+        if not self.config.local:
+            return self.db.check_key(key)
+        if self._ui_key_hash is None:
+            return KeyCheck(LOCAL_PROJECT)
+        if not key:
+            return KeyCheck(None, "missing")
+        return KeyCheck(LOCAL_PROJECT) if key_matches(key, self._ui_key_hash) else KeyCheck(None, "unknown")
 
     def public(self, error: Exception) -> str:
         """An error message for a client: the server's own directory is not theirs to see."""
@@ -154,6 +206,11 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# The one route whose body may be as large as an upload (not any path with "/chunks/" in it: a model
+# or version named "chunks" would lift a JSON route's limit)
+_CHUNK_PATH = re.compile(r"^/v1/projects/[^/]+/models/[^/]+/versions/[^/]+/traces/[^/]+/\d+/\d+/chunks/[0-9a-f]{64}$")
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a body over its route's limit, by Content-Length or while streaming."""
 
@@ -164,32 +221,38 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.config.max_chunk_bytes if "/chunks/" in scope["path"] else self.config.max_json_bytes
+        is_upload = scope["method"] == "PUT" and _CHUNK_PATH.match(scope["path"])
+        limit = self.config.max_chunk_bytes if is_upload else self.config.max_json_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes"})
-        received = 0
-        started = False
+        received, overflowed, answered = 0, False, False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, overflowed
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    overflowed = True
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def guarded_send(message):
+            nonlocal answered
+            if overflowed:  # whatever the app made of a body cut short (FastAPI: 400, "error parsing the body")
+                if not answered:
+                    answered = True
+                    await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes"})
+                return
+            answered = answered or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            if not started:
+            if not answered:
                 await _send_json(send, 413, {"detail": f"request body larger than {limit} bytes"})
 
 
@@ -219,17 +282,29 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def _bad_request(_request, exc):
         return JSONResponse({"detail": server.public(exc)}, status_code=400)
 
-    def project_access(request: Request, project: Name) -> str:
+    if server.needs_key:
+        # Declared as security schemes, so the OpenAPI schema says how to send the key
+        bearer, header = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
+
+        def request_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                        api_key: Annotated[str | None, Depends(header)]) -> str | None:
+            """The key sent as ``Authorization: Bearer …`` or, failing that, ``X-API-Key``."""
+            return credentials.credentials if credentials is not None else api_key
+    else:
+        def request_key() -> None:
+            return None
+
+    RequestKey = Annotated[str | None, Depends(request_key)]
+    how_to_get_a_key = ("the key `mldbg ui --expose` printed (or MLD_UI_KEY)" if config.local
+                        else "create one with `mldbg keys create --project P`")
+
+    def project_access(project: Name, key: RequestKey) -> str:
         """The project in the path, if the request's key belongs to it (health needs no key)."""
         validate_name(project, "project")
-        if config.local:
-            server.store(project)  # 404 for anything but the local project
-            return project
-        check = server.db.check_key(_request_key(request))
+        check = server.check_key(key)
         if check.reason in ("missing", "malformed", "unknown"):
-            raise HTTPException(401, "a valid API key is required: send 'Authorization: Bearer mldbg_…' "
-                                "(create one with `mldbg keys create --project P`)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "a valid API key is required: send 'Authorization: Bearer <key>' "
+                                f"({how_to_get_a_key})", headers={"WWW-Authenticate": "Bearer"})
         if check.reason == "revoked":
             raise HTTPException(403, "this API key was revoked; create a new one with `mldbg keys create`")
         if check.project != project:
@@ -250,26 +325,24 @@ def create_app(config: ServerConfig) -> FastAPI:
     def health() -> dict:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/v1/whoami", tags=["service"])
-    def whoami(request: Request) -> dict:
+    @app.get("/v1/whoami", tags=["service"], responses=_errors(401, 403))
+    def whoami(key: RequestKey) -> dict:
         """The project of the request's key (clients use it to build their paths)."""
-        limit = {"max_upload_bytes": config.max_chunk_bytes}  # clients split their uploads below it
-        if config.local:
-            return {"project": LOCAL_PROJECT, "auth": False, **limit}
-        check = server.db.check_key(_request_key(request))
+        check = server.check_key(key)
         if check.project is None:
             status = 403 if check.reason == "revoked" else 401
             raise HTTPException(status, f"API key {check.reason}", headers={"WWW-Authenticate": "Bearer"})
-        return {"project": check.project, "auth": True, **limit}
+        # max_upload_bytes: clients split their uploads below it
+        return {"project": check.project, "auth": server.needs_key, "max_upload_bytes": config.max_chunk_bytes}
 
     # -- listing --------------------------------------------------------------------------------
-    @app.get(base + "/models", tags=["runs"])
+    @app.get(base + "/models", tags=["runs"], responses=PROJECT_ERRORS)
     def list_models(project: Project) -> list[dict]:
         store = server.store(project)
         return [{"model_name": m, "versions": store.list_versions(m)} for m in store.list_models()
                 if store.list_versions(m)]
 
-    @app.get(base + "/models/{model}/versions", tags=["runs"])
+    @app.get(base + "/models/{model}/versions", tags=["runs"], responses=PROJECT_ERRORS)
     def list_versions(project: Project, model: Name) -> list[dict]:
         store = server.store(project)
         versions = store.list_versions(validate_name(model, "model_name"))
@@ -277,7 +350,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise HTTPException(404, f"model {model!r} not found")
         return [_version_summary(store, model, v) for v in versions]
 
-    @app.get(vbase, tags=["runs"])
+    @app.get(vbase, tags=["runs"], responses=PROJECT_ERRORS)
     def get_version(version: Version) -> dict:
         store, model_name, version_name = version
         summary = _version_summary(store, model_name, version_name)
@@ -286,7 +359,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return summary
 
     # -- uploads --------------------------------------------------------------------------------
-    @app.put(vbase + "/meta", tags=["uploads"])
+    @app.put(vbase + "/meta", tags=["uploads"], responses=UPLOAD_ERRORS)
     def put_meta(version: Version, meta: dict) -> dict:
         store, model_name, version_name = version
         if len(json.dumps(meta)) > 256 << 10 or "task" not in meta:
@@ -298,7 +371,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"ok": True}
 
     @app.put(vbase + "/traces/{dataset_type}/{n_epoch}/{rank}/chunks/{chunk_id}", tags=["uploads"],
-             openapi_extra={"requestBody": {"required": True, "content": {ARROW_STREAM: {"schema": {
+             responses=UPLOAD_ERRORS, openapi_extra={"requestBody": {"required": True, "content": {ARROW_STREAM: {"schema": {
                  "type": "string", "format": "binary"}}}}})
     async def put_chunk(request: Request, version: Version, dataset_type: Name,
                         n_epoch: Annotated[int, PathParam(ge=0, le=1_000_000)],
@@ -315,7 +388,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         if hashlib.sha256(body).hexdigest() != chunk_id:
             raise HTTPException(400, "chunk id is not the SHA-256 of the body (corrupted in transit?)")
         try:
-            table = read_chunk(body, max_bytes=16 * config.max_chunk_bytes)
+            # a value takes a byte or more, but a list of nulls none: its count is bounded apart
+            table = read_chunk(body, max_bytes=16 * config.max_chunk_bytes, max_values=config.max_chunk_bytes)
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         store.run(model_name, version_name).write_part(dataset_type, n_epoch, rank, table, name=_part_name(chunk_id))
@@ -323,7 +397,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                             table.num_rows, len(body))
         return {"chunk_id": chunk_id, "stored": True, "rows": table.num_rows}
 
-    @app.post(vbase + "/traces/{dataset_type}/{n_epoch}/{rank}/commit", tags=["uploads"])
+    @app.post(vbase + "/traces/{dataset_type}/{n_epoch}/{rank}/commit", tags=["uploads"], responses=UPLOAD_ERRORS)
     def commit(request: Request, version: Version, dataset_type: Name,
                n_epoch: Annotated[int, PathParam(ge=0, le=1_000_000)],
                rank: Annotated[int, PathParam(ge=0, le=65535)], body: CommitRequest) -> dict:
@@ -345,7 +419,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"committed": len(new), "already_committed": len(parts) - len(new)}
 
     # -- evaluations ----------------------------------------------------------------------------
-    @app.post(vbase + "/evaluations", status_code=202, tags=["evaluations"])
+    @app.post(vbase + "/evaluations", status_code=202, tags=["evaluations"],
+              responses=_errors(400, 401, 403, 404, 413))
     def request_evaluation(request: Request, version: Version, body: EvaluationRequest) -> dict:
         store, model_name, version_name = version
         project = request.path_params["project"]
@@ -356,7 +431,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         server.worker.submit(_run_job, server, job_id, store, model_name, version_name, body)
         return {"job_id": job_id, "status": "queued"}
 
-    @app.get(base + "/jobs/{job_id}", tags=["evaluations"])
+    @app.get(base + "/jobs/{job_id}", tags=["evaluations"], responses=PROJECT_ERRORS)
     def get_job(project: Project, job_id: Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]) -> dict:
         job = server.db.get_job(project, job_id)
         if job is None:
@@ -367,13 +442,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "version_name": job["version_name"]}
 
     # -- results --------------------------------------------------------------------------------
-    @app.get(vbase + "/results", tags=["results"])
+    @app.get(vbase + "/results", tags=["results"], responses=PROJECT_ERRORS)
     def list_results(version: Version) -> list[dict]:
         store, model_name, version_name = version
         store.read_meta(model_name, version_name)
         return store.list_results(model_name, version_name)
 
-    @app.get(vbase + "/results/{result}", tags=["results"])
+    @app.get(vbase + "/results/{result}", tags=["results"], responses=PROJECT_ERRORS)
     def get_result(project: Project, model: Name, version: Name, result: Name) -> dict:
         """The result's metadata, its small tables (metrics, categories, issues) and the labels of its units."""
         res = server.result(project, model, version, result)
@@ -386,7 +461,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"meta": res.meta, "tables": sorted(res._tables), "labels": labels,
                 **{name: json.loads(_records(frame)) for name, frame in small.items()}}
 
-    @app.get(vbase + "/results/{result}/tables/{table}", tags=["results"])
+    @app.get(vbase + "/results/{result}/tables/{table}", tags=["results"],
+             responses={**PROJECT_ERRORS, 200: {"description": "a page of rows as JSON, or with format=arrow the "
+                                                "whole filtered table as an Arrow IPC stream",
+                                                "content": {"application/json": {}, ARROW_STREAM: {}}}})
     def get_table(project: Project, model: Name, version: Name, result: Name,
                   table: Literal[TABLES],  # type: ignore[valid-type]
                   offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
@@ -423,7 +501,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         page = selected.iloc[offset:offset + limit]
         return _frame_response(page, total=int(len(selected)), offset=offset, limit=limit)
 
-    @app.get(vbase + "/results/{result}/heatmaps", tags=["results"])
+    @app.get(vbase + "/results/{result}/heatmaps", tags=["results"], responses=PROJECT_ERRORS)
     def get_heatmaps(project: Project, model: Name, version: Name, result: Name) -> list[dict]:
         """The matrices behind the report's heatmaps, limited as the report draws them (the rows and columns
         with the most units): title, row and column labels, values (null: no unit), full sizes."""
@@ -441,7 +519,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                         "values": [[None if v != v else float(v) for v in row] for row in values]})
         return out
 
-    @app.get(vbase + "/results/{result}/label_tracker", tags=["results"])
+    @app.get(vbase + "/results/{result}/label_tracker", tags=["results"], responses=PROJECT_ERRORS)
     def get_label_tracker(project: Project, model: Name, version: Name, result: Name, metric: str = "loss",
                           dataset_type: str = "train") -> Response:
         """LabelTracker curves: per label and epoch the mean of ``metric`` with mean ± std bounds."""
@@ -452,18 +530,17 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise HTTPException(400, str(exc).strip("'\"")) from None
         return _frame_response(pd.DataFrame(frame), metric=metric, dataset_type=dataset_type)
 
-    @app.get(vbase + "/results/{result}/compare", tags=["results"])
+    @app.get(vbase + "/results/{result}/compare", tags=["results"], responses=PROJECT_ERRORS)
     def compare(project: Project, model: Name, version: Name, result: Name,
-                other_model: Annotated[str, Query(min_length=1, max_length=128)],
-                other_version: Annotated[str, Query(min_length=1, max_length=128)],
-                other_result: Annotated[str, Query(min_length=1, max_length=128)]) -> Response:
+                other_model: OtherName, other_version: OtherName, other_result: OtherName) -> Response:
         """Metrics and category shares of two results side by side (any two results of the project)."""
         mine = server.result(project, model, version, result)
         other = server.result(project, validate_name(other_model, "model_name"),
                               validate_name(other_version, "version_name"), other_result)
         return _frame_response(mine.compare(other))
 
-    @app.get(vbase + "/results/{result}/report.html", tags=["results"])
+    @app.get(vbase + "/results/{result}/report.html", tags=["results"],
+             responses={**PROJECT_ERRORS, 200: {"description": "the report", "content": {"text/html": {}}}})
     def get_report(project: Project, model: Name, version: Name, result: Name) -> Response:
         """The self-contained HTML report of the result (as ``mldbg report``)."""
         from ..evaluation.report import report_html
@@ -479,11 +556,6 @@ def create_app(config: ServerConfig) -> FastAPI:
             return FileResponse(STATIC / "index.html")
 
     return app
-
-
-def _request_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
 
 
 def _part_name(chunk_id: str) -> str:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import secrets
 import socket
 
 from rich.console import Console
+
+
+MIN_UI_KEY_CHARS = 32  # an exposed UI's key: 32 URL-safe characters are 192 random bits
 
 
 def _store_dir(args: argparse.Namespace) -> str:
@@ -52,11 +56,23 @@ def run_server_command(args: argparse.Namespace, console: Console) -> int:
     from .app import create_app
 
     if args.command == "ui":
-        if not _is_loopback(args.host):
-            console.print("[red]error:[/red] `mldbg ui` serves a store without keys, so it only binds a loopback "
-                          "address; to share runs, run `mldbg serve` (API keys) instead")
+        ui_key = None
+        if args.expose:
+            ui_key = os.environ.get("MLD_UI_KEY") or secrets.token_urlsafe(32)
+            if len(ui_key) < MIN_UI_KEY_CHARS:
+                console.print(f"[red]error:[/red] MLD_UI_KEY is too short to guard an exposed UI: use at least "
+                              f"{MIN_UI_KEY_CHARS} random characters (e.g. `python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'`), or unset it to get one generated")
+                return 2
+        elif not _is_loopback(args.host):
+            console.print("[red]error:[/red] `mldbg ui` serves a store without keys, so it binds a loopback address "
+                          "only; to expose it add --expose (every request then needs a key: MLD_UI_KEY, or the one "
+                          "printed at start), or to share runs with a team run `mldbg serve` (API keys per project)")
             return 2
-        config = ServerConfig(store=_store_dir(args), local=True)
+        config = ServerConfig(store=_store_dir(args), local=True, ui_key=ui_key)
+        if ui_key is not None and "MLD_UI_KEY" not in os.environ:
+            console.print("key of this UI (shown once; MLD_UI_KEY sets it):")  # short: never wrapped
+            print(ui_key, flush=True)
     else:
         config = ServerConfig(store=_store_dir(args), db=args.db, max_chunk_bytes=int(args.max_upload_mb * (1 << 20)))
     app = create_app(config)

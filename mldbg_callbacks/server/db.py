@@ -73,8 +73,15 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _hash(key: str) -> str:
+def key_hash(key: str) -> str:
+    """The SHA-256 (hex) under which a key is stored: the plain key is never kept."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_matches(key: str, stored_hash: str) -> bool:
+    """Whether ``key`` hashes to ``stored_hash``, in a time that does not depend on where they differ
+    (``hmac.compare_digest``): every key comparison of the server goes through here."""
+    return hmac.compare_digest(stored_hash.encode(), key_hash(key).encode())
 
 
 def engine_url(url: str) -> str:
@@ -113,7 +120,7 @@ class Database:
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         with self.engine.begin() as conn:
-            conn.execute(api_keys.insert().values(key_id=key_id, project=project, key_hash=_hash(key),
+            conn.execute(api_keys.insert().values(key_id=key_id, project=project, key_hash=key_hash(key),
                                                   label=label[:200], created_at=_now()))
         return key
 
@@ -141,7 +148,7 @@ class Database:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == match.group(1))).first()
         # compare even when the id is unknown, so both answers take the same time
         stored = row.key_hash if row is not None else "0" * 64
-        if not hmac.compare_digest(stored.encode(), _hash(key).encode()) or row is None:
+        if not key_matches(key, stored) or row is None:
             return KeyCheck(None, "unknown")
         if row.revoked_at is not None:
             return KeyCheck(None, "revoked")

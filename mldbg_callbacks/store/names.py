@@ -6,8 +6,9 @@ import re
 
 from ..errors import InvalidNameError
 
-# Letters, digits and a few separators; no path separators, no leading dot, bounded length.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-+@]{0,127}$")
+# Letters, digits and a few separators; no path separators, no leading dot, bounded length (and no "..").
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-+@]{0,127}$"
+_NAME = re.compile(NAME_PATTERN)
 
 
 def validate_name(value: object, what: str) -> str:

@@ -172,7 +172,7 @@ async function signIn(app, message) {
   const form = h("form", { class: "key card", "data-testid": "key-form" },
     h("h1", {}, "API key"),
     h("p", {}, "This server needs an API key of your project (", h("code", {}, "mldbg keys create --project P"),
-      "). It is kept in this tab only."),
+      "; for ", h("code", {}, "mldbg ui --expose"), ", the key it printed). It is kept in this tab only."),
     input, h("button", { type: "submit" }, "Open"),
     message && h("p", { class: "error", "data-testid": "key-error" }, message));
   form.addEventListener("submit", async (event) => {
