@@ -24,10 +24,15 @@ def train_mlp(x: np.ndarray, y: np.ndarray, *, steps: int = 20, seed: int = 0, h
     model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-32-10 MLP: more threads only spin (much slower on a busy machine)
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
