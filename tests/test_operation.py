@@ -20,6 +20,7 @@ import torch
 from scipy.stats import ks_2samp
 
 from digits_mlp import MODEL, VERSION, digits_splits, train_mlp
+from server_utils import running_server
 from mldbg_callbacks.core.trace_core import TraceWarning
 from mldbg_callbacks.errors import InvalidNameError, NoReferenceError
 from mldbg_callbacks.evaluation.monitoring import PSI_DRIFT
@@ -27,6 +28,7 @@ from mldbg_callbacks.evaluator import Evaluator
 from mldbg_callbacks.operation import InferenceLogger
 from mldbg_callbacks.store import LocalStore
 from mldbg_callbacks.store.local import RunWriter
+from mldbg_callbacks.store.remote import RemoteStore
 from mldbg_callbacks.training import ClassificationTracer, DetectionTracer
 
 
@@ -298,3 +300,25 @@ def test_inference_logger_refuses_bad_settings(store_dir, digits):
         InferenceLogger(model, MODEL, VERSION, store=store_dir, dataset_type="../ops")
     with pytest.raises(ValueError, match="task must be one of"):
         InferenceLogger(model, MODEL, VERSION, store=store_dir, task="segmentation")
+
+
+def test_operation_logs_reach_a_server_and_its_evaluation_has_the_unlabelled_table(tmp_path, digits):
+    splits, model = digits
+    with running_server(tmp_path / "server") as server:
+        key = server.create_key("ops")
+        remote = RemoteStore(server.url, key, spool_dir=tmp_path / "spool", retries=2, backoff_s=0.05)
+        with ClassificationTracer(model, MODEL, VERSION, store=remote) as tracer:
+            _trace(tracer, *splits["train"], "train")
+            tracer.wait_for_save()
+        x, _, ids = splits["pool"]
+        with InferenceLogger(model, MODEL, VERSION, store=remote, sample_rate=1.0) as logger, torch.no_grad():
+            for start in range(0, 200, 50):
+                logger(torch.from_numpy(x[start:start + 50]), input_ids=ids[start:start + 50])
+        assert logger.stats.trace.rows_written == 200 and logger.stats.trace.pending_uploads == 0
+        result = Evaluator(MODEL, VERSION, store=remote).request_evaluation(result_name="ops")
+        local = LocalStore(server.store / "ops")  # what the server stored, in the local layout
+        assert local.read_traces(MODEL, VERSION, "operation", [0]).column("label").null_count == 200
+    expected = Evaluator(MODEL, VERSION, store=server.store / "ops").get_result("ops")
+    fetched = result.unlabelled().sort_values("input_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(fetched, expected.unlabelled().sort_values("input_id").reset_index(drop=True))
+    assert len(fetched) == 200 and set(fetched["input_id"]) == set(ids[:200].astype(str))
