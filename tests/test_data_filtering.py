@@ -6,9 +6,6 @@ and the active-learning loop of benchmarks/active_learning.py must beat random s
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,14 +13,13 @@ from scipy.spatial.distance import cdist
 from scipy.special import softmax
 from scipy.stats import entropy
 
-from digits_mlp import MODEL, VERSION, digits_splits, train_mlp
+from digits_mlp import MODEL, VERSION, active_learning, digits_splits, train_mlp
 from mldbg_callbacks.cli import main as mldbg
 from mldbg_callbacks.errors import SelectionError
 from mldbg_callbacks.evaluation.data_filtering import REVIEW_CODES
 from mldbg_callbacks.evaluator import Evaluator
 from mldbg_callbacks.training import ClassificationTracer
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "active_learning.py"
 FLIPPED = 25
 
 
@@ -175,10 +171,7 @@ def test_selected_ids_go_to_a_file_and_the_cli_writes_the_same(pool_run, tmp_pat
 # -- evidence: active learning on digits -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("active_learning", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.run(seeds=2, rounds=3, budget=40, seed_size=40, strategies=("random", "error_proba"),
+    return active_learning.run(seeds=2, rounds=3, budget=40, seed_size=40, strategies=("random", "error_proba"),
                       store=str(tmp_path_factory.mktemp("al")))
 
 

@@ -21,6 +21,7 @@ from scipy.stats import ks_2samp
 
 from digits_mlp import MODEL, VERSION, digits_splits, train_mlp
 from server_utils import running_server
+from mldbg_callbacks.cli import main as mldbg
 from mldbg_callbacks.core.trace_core import TraceWarning
 from mldbg_callbacks.errors import InvalidNameError, NoReferenceError
 from mldbg_callbacks.evaluation.monitoring import PSI_DRIFT
@@ -169,11 +170,11 @@ def monitored(tmp_path_factory, digits):
                 tracer.record(outputs, None, input_ids=ids[part], dataset_type="shifted", features=features,
                               logged_at=logged_at)
         tracer.wait_for_save()
-    return Evaluator(MODEL, VERSION, store=store).request_evaluation(), half, len(x) - half
+    return Evaluator(MODEL, VERSION, store=store).request_evaluation(), half, len(x) - half, store
 
 
 def test_unshifted_operation_data_does_not_drift(monitored):
-    result, first, second = monitored
+    result, first, second, _ = monitored
     windows = result.monitoring("h", dataset_type="operation")
     assert windows["window_start"].tolist() == [pd.Timestamp("2026-03-01 10:00", tz="UTC"),
                                                 pd.Timestamp("2026-03-01 11:00", tz="UTC")]
@@ -190,7 +191,7 @@ def test_unshifted_operation_data_does_not_drift(monitored):
 
 
 def test_shifted_operation_data_raises_the_drift_flag(monitored):
-    result, _, _ = monitored
+    result, *_ = monitored
     windows = result.monitoring("D", dataset_type="shifted")
     assert len(windows) == 1 and windows.loc[0, "drift"]
     assert "KS" in windows.loc[0, "drift_reasons"]
@@ -200,9 +201,20 @@ def test_shifted_operation_data_raises_the_drift_flag(monitored):
 
 
 def test_monitoring_needs_a_named_dataset_when_several_were_logged(monitored):
-    result, _, _ = monitored
+    result, *_ = monitored
     with pytest.raises(ValueError, match=r"dataset_type= one of \['operation', 'shifted'\]"):
         result.monitoring()
+
+
+def test_mldbg_monitor_prints_the_windows_and_says_which_drift(monitored, capsys):
+    result, *_, store = monitored
+    common = ["--store", str(store), "monitor", MODEL, VERSION, "--result", result.result_name]
+    assert mldbg([*common, "--dataset", "operation", "--window", "h"]) == 0
+    assert "no window drifts" in capsys.readouterr().out
+    assert mldbg([*common, "--dataset", "shifted"]) == 0
+    assert "1 of 1 window(s) drift" in capsys.readouterr().out
+    assert mldbg(common) == 2  # two datasets without labels: the message names them
+    assert "dataset_type= one of ['operation', 'shifted']" in capsys.readouterr().out
 
 
 # -- InferenceLogger ---------------------------------------------------------------------------------

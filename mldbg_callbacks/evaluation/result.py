@@ -398,6 +398,8 @@ class Result:
         summary = {"metrics": self.metrics_summary(), "error_proba": self.error_proba_summary(),
                    "categories": self.issue_category_summary(), "error_codes": view, "notes": self.notes,
                    "epochs": self.epochs}
+        if "unlabelled" in self._tables:
+            summary["unlabelled"] = self.unlabelled_summary()
         if print_summary:
             console = make_console()
             console.print(f"[bold]{self.model_name}/{self.version_name}[/bold] — result {self.result_name!r}, "
@@ -407,6 +409,8 @@ class Result:
             console.print(dataframe_table(summary["categories"], "Issue categories (share of units)"))
             if view is not None:
                 console.print(dataframe_table(view, "Error codes within each category"))
+            if "unlabelled" in summary:
+                console.print(dataframe_table(summary["unlabelled"], "Traced without labels (docs/operation.md)"))
             for note in self.notes:
                 console.print(f"[yellow]note:[/yellow] {note}")
         return summary
