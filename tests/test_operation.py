@@ -334,3 +334,19 @@ def test_operation_logs_reach_a_server_and_its_evaluation_has_the_unlabelled_tab
     fetched = result.unlabelled().sort_values("input_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(fetched, expected.unlabelled().sort_values("input_id").reset_index(drop=True))
     assert len(fetched) == 200 and set(fetched["input_id"]) == set(ids[:200].astype(str))
+
+
+def test_inference_logger_stores_3d_detections_without_ground_truth(store_dir):
+    def decode(outputs, frames):
+        return [{"boxes": torch.tensor([[10.0, 2.0, 0.5, 1.8, 4.2, 1.5, 0.3]]), "scores": torch.tensor([0.8]),
+                 "labels": torch.tensor([2])} for _ in range(len(frames))]
+
+    frames = torch.zeros(3, 100, 4)  # three point clouds
+    with InferenceLogger(lambda batch: batch, MODEL, VERSION, task="object_detection_3d", store=store_dir,
+                         sample_rate=1.0, postprocess=decode, num_classes=4) as logger:
+        assert torch.equal(logger(frames), frames)
+    assert logger.stats.logging_errors == 0 and logger.stats.trace.rows_written == 3
+    rows = LocalStore(store_dir).read_traces(MODEL, VERSION, "operation", [0]).to_pandas()
+    assert rows["gt_boxes"].isna().all() and rows["logged_at"].notna().all()
+    np.testing.assert_allclose(np.stack(rows["pred_boxes"].iloc[0]), [[10.0, 2.0, 0.5, 1.8, 4.2, 1.5, 0.3]],
+                               rtol=1e-6)
