@@ -111,6 +111,9 @@ def test_diversity_is_k_center_greedy_on_the_stored_features(pool_run):
     selected = result.select(20, "diversity")
     assert selected["input_id"].tolist() == expected
     assert np.all(np.diff(selected["score"]) <= 1e-6)  # each pick is nearer to its centres than the last
+    # a labelled pool has no labelled set apart from itself: a seeded random first pick, then farthest-first
+    train = result.select(10, "diversity", dataset_type="train", seed=3)
+    assert train["input_id"].is_unique and np.isnan(train["score"].iloc[0]) and train["score"].iloc[1:].notna().all()
 
 
 def test_review_labels_finds_the_flipped_labels_most_confident_first(pool_run):

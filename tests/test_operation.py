@@ -138,6 +138,24 @@ def test_unlabelled_rows_get_the_label_free_signals_of_the_labelled_path(evaluat
     assert summary["rejected_ratio"] == pytest.approx(1 - pool["accepted"].mean())
 
 
+def test_a_dataset_with_some_rows_without_labels_is_split_between_the_two_tables(store_dir, digits):
+    splits, model = digits
+    x, y, ids = splits["val"]
+    with ClassificationTracer(model, MODEL, VERSION, store=store_dir) as tracer:
+        _trace(tracer, *splits["train"], "train")
+        _trace(tracer, x[:120], y[:120], ids[:120], "val")
+        _trace(tracer, x[120:], None, ids[120:], "val")
+        tracer.wait_for_save()
+    result = Evaluator(MODEL, VERSION, store=store_dir).request_evaluation()
+    samples = result.samples()
+    val = samples[samples["dataset_type"] == "val"]
+    assert sorted(val["input_id"].astype(int)) == sorted(ids[:120])
+    assert sorted(result.unlabelled()["input_id"].astype(int)) == sorted(ids[120:])
+    metrics = result.metrics_summary().set_index("dataset")
+    assert metrics.loc["val", "counts"] == 120  # accuracy of the labelled rows only
+    assert metrics.loc["val", "accuracy"] == pytest.approx(val["correct"].mean())
+
+
 def test_data_without_labels_and_no_training_reference_gets_a_clear_message(store_dir, digits):
     splits, model = digits
     with ClassificationTracer(model, MODEL, VERSION, store=store_dir) as tracer:

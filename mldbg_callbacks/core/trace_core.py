@@ -449,7 +449,9 @@ class TraceCore:
         tables = self._buffers.get(key)
         if not tables:
             return True
-        table = pa.concat_tables(tables)
+        # "default" promotion: a column some batches lack (logged_at of rows traced without labels, in a
+        # partition that also holds labelled rows) is null in the others; types must still agree
+        table = pa.concat_tables(tables, promote_options="default")
         try:
             part = self.sink.write_part(key[0], key[1], self.rank, table)
         except Exception as exc:  # noqa: BLE001
