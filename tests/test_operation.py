@@ -25,6 +25,7 @@ from mldbg_callbacks.cli import main as mldbg
 from mldbg_callbacks.core.trace_core import TraceWarning
 from mldbg_callbacks.errors import InvalidNameError, NoReferenceError
 from mldbg_callbacks.evaluation.monitoring import PSI_DRIFT
+from mldbg_callbacks.evaluation.pipeline import evaluate_classification
 from mldbg_callbacks.evaluator import Evaluator
 from mldbg_callbacks.operation import InferenceLogger
 from mldbg_callbacks.store import LocalStore
@@ -161,9 +162,27 @@ def test_data_without_labels_and_no_training_reference_gets_a_clear_message(stor
     with ClassificationTracer(model, MODEL, VERSION, store=store_dir) as tracer:
         _trace(tracer, *splits["pool"][:1], None, splits["pool"][2], "operation")
         tracer.wait_for_save()
-    with pytest.raises(NoReferenceError, match=r"traced without labels and there are no train traces.*"
-                                                r"Trace the training data \(with labels, dataset_type='train'\)"):
+    with pytest.raises(NoReferenceError, match=r"operation epoch 0 was traced without labels and has no labelled "
+                                                r"train traces.*Trace the training data \(with labels, "
+                                                r"dataset_type='train'\)"):
         Evaluator(MODEL, VERSION, store=store_dir).request_evaluation()
+
+
+def test_training_traces_without_labels_are_no_reference(store_dir, digits):
+    splits, model = digits
+    with ClassificationTracer(model, MODEL, VERSION, store=store_dir) as tracer:
+        _trace(tracer, splits["train"][0], None, splits["train"][2], "train")
+        _trace(tracer, *splits["val"], "val")
+        tracer.wait_for_save()
+    evaluator = Evaluator(MODEL, VERSION, store=store_dir)
+    with pytest.raises(NoReferenceError, match="train epoch 0 was traced without labels and has no labelled train "
+                                               "traces.*Trace the training data"):
+        evaluator.request_evaluation()
+    with pytest.raises(NoReferenceError, match="the reference set, train epoch 0, was traced without labels.*Trace "
+                                               "the training data with labels"):
+        store = LocalStore(store_dir)  # the labelled val alone, against the unlabelled train
+        evaluate_classification(lambda d, e, f: store.read_traces(MODEL, VERSION, d, [e]),
+                                store.read_meta(MODEL, VERSION), {"val": [0]}, {"train": [0], "val": [0]})
 
 
 # -- monitoring and drift -------------------------------------------------------------------------------

@@ -196,6 +196,10 @@ class _Run:
         if cache_key in self._references:
             return self._references[cache_key]
         units = self.labelled_units(*key)
+        if not len(units):
+            raise NoReferenceError(
+                f"the reference set, {key[0]} epoch {key[1]}, was traced without labels: error_proba, regions and "
+                "density are learnt on labelled data. Trace the training data with labels to evaluate against it")
         signals = unit_signals(units)
         wrong = ~signals["correct"].to_numpy()
         embedding = self.embedding(units, kind)
@@ -280,14 +284,10 @@ class _Run:
         ref_key = self.reference_key(dataset_type, epoch)
         if ref_key == (dataset_type, epoch) and not all_units.labelled.any():
             raise NoReferenceError(
-                f"{dataset_type} epoch {epoch} was traced without labels and there are no train traces to compare it "
-                "with: error_proba, regions and density are learnt on labelled data. Trace the training data "
+                f"{dataset_type} epoch {epoch} was traced without labels and has no labelled train traces to be "
+                "compared with: error_proba, regions and density are learnt on labelled data. Trace the training data "
                 "(with labels, dataset_type='train') under the same model_name/version_name, then evaluate again")
         ref_units = self.labelled_units(*ref_key)
-        if not len(ref_units):
-            raise NoReferenceError(
-                f"the reference set of {dataset_type} epoch {epoch}, {ref_key[0]} epoch {ref_key[1]}, has no labelled "
-                "rows; trace the training data with labels to evaluate data traced without them")
         reference = self.reference(ref_key, self.embedding_kind(units, ref_units, dataset_type, epoch))
         frame = prediction_signals(units)
         embedding = self.embedding(units, reference.embedding_kind)
