@@ -18,6 +18,7 @@ _LAZY = {
     "ClassificationTracer": "mldbg_callbacks.training",
     "ObjectDetectionTracer": "mldbg_callbacks.training",
     "ObjectDetection3DTracer": "mldbg_callbacks.training",
+    "InferenceLogger": "mldbg_callbacks.operation",
     "Evaluator": "mldbg_callbacks.evaluator",
     "Result": "mldbg_callbacks.evaluator",
     "LocalStore": "mldbg_callbacks.store",

@@ -4,6 +4,10 @@
     mldbg evaluate MODEL VERSION [--n-epoch latest|all|N] [--result-name NAME] [--html report.html]
     mldbg results MODEL VERSION             saved results of a version
     mldbg show MODEL VERSION RESULT         the summary of one result
+    mldbg select MODEL VERSION --budget N [--strategy S] [--dataset D] [--result NAME] [-o ids.txt]
+                                            the ids to label or review next (DataFiltering)
+    mldbg monitor MODEL VERSION [--window D|h] [--dataset D] [--result NAME]
+                                            per-window shares and drift of data traced without labels
     mldbg report MODEL VERSION -o report.html [--result NAME]
                                             a self-contained HTML report (the newest result, or --result)
     mldbg ui [--port 8765]                  the web UI over a local store (loopback, no key; --expose: a key)
@@ -14,7 +18,7 @@
     mldbg sync                              send uploads spooled while the server was unreachable
 
 Every command takes ``--store DIR`` (default: MLD_HOME, else ./mldbg; for runs/evaluate/results/show/
-report also a server URL, default MLD_API_ENDPOINT).
+report/select/monitor also a server URL, default MLD_API_ENDPOINT).
 """
 
 from __future__ import annotations
@@ -62,6 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("version_name")
     report.add_argument("-o", "--output", default="report.html", help="where to write it (default report.html)")
     report.add_argument("--result", default=None, help="result name (default: the newest; evaluates if none)")
+    select = commands.add_parser("select", help="the ids to label or review next, within a budget")
+    select.add_argument("model_name")
+    select.add_argument("version_name")
+    select.add_argument("--budget", type=int, required=True, help="how many units to select")
+    select.add_argument("--strategy", default="error_proba",
+                        help="error_proba (default), entropy, margin, hotspot, diversity, review_labels or random")
+    select.add_argument("--dataset", default=None, help="the pool's dataset_type (default: the one traced without "
+                                                        "labels, else train)")
+    select.add_argument("--result", default=None, help="result name (default: the newest; evaluates if none)")
+    select.add_argument("-o", "--output", default=None, help="write the ids there, one per line (.csv: the table)")
+    monitor = commands.add_parser("monitor", help="per-window shares and drift of data traced without labels")
+    monitor.add_argument("model_name")
+    monitor.add_argument("version_name")
+    monitor.add_argument("--window", default="D", help="pandas frequency of the windows: D (default), h, 15min...")
+    monitor.add_argument("--dataset", default=None, help="dataset_type traced without labels (if several)")
+    monitor.add_argument("--baseline", default=None, help="labelled dataset_type to compare with (default: one "
+                                                          "other than the reference set, e.g. val)")
+    monitor.add_argument("--result", default=None, help="result name (default: the newest; evaluates if none)")
     ui = commands.add_parser("ui", help="serve the web UI over a local store (loopback only, no key)")
     ui.add_argument("--port", type=int, default=8765)
     ui.add_argument("--host", default="127.0.0.1", help="a loopback address unless --expose; to share runs with a "
@@ -149,18 +171,44 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "show":
         evaluator.get_result(args.result_name).get_summary()
         return 0
+    result = _saved_result(evaluator, args.result, console)
     if args.command == "report":
-        names = evaluator.list_results()["result_name"].tolist()
-        if args.result is not None:
-            result = evaluator.get_result(args.result)
-        elif names:
-            result = evaluator.get_result(names[-1])
-        else:
-            console.print("no saved result yet: evaluating the newest epoch first")
-            result = evaluator.request_evaluation()
         console.print(f"report of {result.result_name!r} written to {result.to_html(args.output)}")
         return 0
+    if args.command == "select":
+        try:
+            selected = result.select(args.budget, args.strategy, dataset_type=args.dataset, output=args.output)
+        except ValueError as exc:  # a bad budget, strategy or pool: a usage error, not a crash
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+        console.print(dataframe_table(selected, f"{len(selected)} unit(s) selected by {args.strategy} "
+                                                f"from result {result.result_name!r}"))
+        if args.output:
+            console.print(f"ids written to {args.output}")
+        return 0
+    if args.command == "monitor":
+        try:
+            windows = result.monitoring(args.window, dataset_type=args.dataset, baseline=args.baseline)
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+        shown = windows.drop(columns=["pred_distribution"]).astype({"window_start": str})
+        console.print(dataframe_table(shown, f"Monitoring of result {result.result_name!r}"))
+        drifted = int(windows["drift"].sum())
+        console.print(f"{drifted} of {len(windows)} window(s) drift" if drifted else "no window drifts")
+        return 0
     return 2
+
+
+def _saved_result(evaluator, name: str | None, console: Console):
+    """The result named ``name``, else the newest saved one, else a new evaluation of the newest epoch."""
+    if name is not None:
+        return evaluator.get_result(name)
+    names = evaluator.list_results()["result_name"].tolist()
+    if names:
+        return evaluator.get_result(names[-1])
+    console.print("no saved result yet: evaluating the newest epoch first")
+    return evaluator.request_evaluation()
 
 
 def _sync(args: argparse.Namespace, console: Console) -> int:

@@ -31,3 +31,11 @@ class EpochNotRecordedError(MLDebuggerError, KeyError):
 class NoTracesError(MLDebuggerError, LookupError):
     """An evaluation was asked for a model/version/epoch that has no committed traces."""
 
+
+
+class NoReferenceError(MLDebuggerError, LookupError):
+    """Data traced without labels cannot be evaluated: no labelled reference set to learn error_proba on."""
+
+
+class SelectionError(MLDebuggerError, ValueError):
+    """``Result.select()`` cannot apply a strategy to the chosen pool (no features, no labels, ...)."""

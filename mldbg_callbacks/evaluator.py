@@ -59,7 +59,7 @@ class Evaluator:
         if isinstance(self.store, RemoteStore):
             meta, tables = self.store.request_evaluation(self.model_name, self.version_name, result_name=result_name,
                                                          n_epoch=n_epoch, risk=risk, progress=progress)
-            return Result(meta, tables)
+            return Result(meta, tables, store=self.store)
         return evaluate_and_save(self.store, self.model_name, self.version_name, result_name=result_name,
                                  n_epoch=n_epoch, risk=risk, progress=progress)
 
@@ -73,7 +73,7 @@ class Evaluator:
     def get_result(self, result_name: str) -> Result:
         """Load a saved result by name."""
         meta, tables = self.store.load_result(self.model_name, self.version_name, result_name)
-        return Result(meta, tables)
+        return Result(meta, tables, store=self.store)
 
 
 def evaluate_and_save(store: LocalStore, model_name: str, version_name: str, *, result_name: str | None = None,
@@ -112,7 +112,7 @@ def evaluate_and_save(store: LocalStore, model_name: str, version_name: str, *, 
         "package_version": __version__,
     }
     tables = {name: getattr(evaluation, name) for name in ("samples", "metrics", "categories", "history",
-                                                             "per_class", "tide", "images")
+                                                             "per_class", "tide", "images", "unlabelled")
               if getattr(evaluation, name, None) is not None}
     try:
         store.save_result(model_name, version_name, name, result_meta, tables)
@@ -121,7 +121,7 @@ def evaluate_and_save(store: LocalStore, model_name: str, version_name: str, *, 
             f"the evaluation of {model_name}/{version_name} finished but its result could not be saved in "
             f"{store.results_dir(model_name, version_name)} ({exc}); make the store writable or free space "
             "(MLD_HOME or store=), then evaluate again") from exc
-    return Result(result_meta, tables)
+    return Result(result_meta, tables, store=store)
 
 
 def _new_result_name(store: LocalStore, model_name: str, version_name: str, n_epoch: str | int | None) -> str:

@@ -157,19 +157,29 @@ class ClassificationTracer(_Tracer):
                                         top_k=top_k, max_feature_dim=max_feature_dim,
                                         max_pending_batches=max_pending_batches)
 
+    def forward(self, inputs: Any, **forward_kwargs: Any) -> tuple[Any, Any]:
+        """Run the model without tracing: ``(its output, the penultimate features or None)``."""
+        return self._forward(inputs, **forward_kwargs)
+
     def __call__(self, inputs: Any, labels: Any, input_ids: Any = None, dataset_type: str = "train",
                  n_epoch: int | None = None, **forward_kwargs: Any) -> Any:
-        """Run the model on ``inputs``, trace the batch, return the model's output unchanged."""
+        """Run the model on ``inputs``, trace the batch, return the model's output unchanged.
+
+        ``labels=None`` traces predictions without ground truth (an unlabelled pool; for serving code see
+        ``mldbg_callbacks.operation.InferenceLogger``)."""
         outputs, features = self._forward(inputs, **forward_kwargs)
         self.core.record(scores_of(outputs), labels, input_ids=input_ids, dataset_type=dataset_type,
                          n_epoch=n_epoch, features=features, inputs=inputs)
         return outputs
 
     def record(self, outputs: Any, labels: Any, *, input_ids: Any = None, dataset_type: str = "train",
-               n_epoch: int | None = None, features: Any = None, inputs: Any = None) -> None:
-        """Trace outputs computed elsewhere (the framework callbacks use this)."""
+               n_epoch: int | None = None, features: Any = None, inputs: Any = None,
+               logged_at: Any = None) -> None:
+        """Trace outputs computed elsewhere (the framework callbacks use this). ``logged_at``: when the
+        predictions were made (seconds since the Unix epoch or an aware datetime; e.g. replayed serving
+        logs), by default now for ``labels=None``."""
         self.core.record(scores_of(outputs), labels, input_ids=input_ids, dataset_type=dataset_type,
-                         n_epoch=n_epoch, features=features, inputs=inputs)
+                         n_epoch=n_epoch, features=features, inputs=inputs, logged_at=logged_at)
 
     def remove_hooks(self) -> None:
         remove = getattr(self._forward, "remove", None)

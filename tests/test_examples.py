@@ -34,3 +34,14 @@ def test_ultralytics_detection_example(tmp_path):
     partitions = [line.split() for line in done.stdout.splitlines() if line.startswith("  val ")]
     assert partitions == [["val", "0", "12"], ["val", "1", "12"]]  # one row per val image, no extra epoch
     assert "stable_coverage_ratio" in done.stdout and "error_type" in done.stdout
+
+
+def test_operation_logging_example(tmp_path):
+    ids = tmp_path / "to_label.txt"
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "operation_logging.py"), "--store",
+                           str(tmp_path / "store"), "--ids", str(ids)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "normal: 597 calls, 597 logged" in done.stdout and "noisy: 597 calls, 597 logged" in done.stdout
+    assert "normal: drift=False" in done.stdout and "noisy: drift=True" in done.stdout
+    assert len(set(ids.read_text().splitlines())) == 50 and ids.read_text().startswith("noisy-")

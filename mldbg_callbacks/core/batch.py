@@ -19,6 +19,7 @@ class PendingBatch:
     inputs: Any  # kept only when input_ids are missing and must be derived from the content
     dataset_type: str
     n_epoch: int
+    logged_at: float | None = None  # seconds since the Unix epoch (UTC) when the batch was recorded
 
 
 @dataclass

@@ -94,10 +94,14 @@ class TraceCore:
         rows_per_part: a partition's buffer is spilled to a Parquet part (not yet visible to
             readers) once it holds this many rows, which bounds memory per open epoch.
         strict: raise on bad input and tracing errors instead of warning and counting.
+        block_when_full: ``False`` for serving code (``InferenceLogger``): when the hand-over queue is
+            full, ``record()`` drops the batch and counts it (``rows_skipped["queue_full"]``) instead of
+            waiting for the worker, so the request path never blocks.
     """
 
     def __init__(self, codec: TaskCodec, sink: TraceSink, *, flush_every: int = 1,
-                 max_pending_batches: int = 32, rows_per_part: int = 65536, strict: bool = False):
+                 max_pending_batches: int = 32, rows_per_part: int = 65536, strict: bool = False,
+                 block_when_full: bool = True):
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be a positive int, got {flush_every!r}")
         self.codec = codec
@@ -106,6 +110,7 @@ class TraceCore:
         self.max_pending_batches = max_pending_batches
         self.rows_per_part = rows_per_part
         self.strict = strict
+        self.block_when_full = block_when_full
         self._init_runtime_state()
 
     # -- state --------------------------------------------------------------------------------
@@ -157,11 +162,15 @@ class TraceCore:
 
     # -- training thread ----------------------------------------------------------------------
     def record(self, outputs: Any, targets: Any, *, input_ids: Any = None, dataset_type: str = "train",
-               n_epoch: int | None = None, features: Any = None, inputs: Any = None) -> None:
+               n_epoch: int | None = None, features: Any = None, inputs: Any = None,
+               logged_at: float | None = None) -> None:
         """Hand one batch over for tracing. Cheap: shape checks and references only.
 
         ``input_ids`` identify samples across epochs; without them a content hash of ``inputs``
-        is the id. ``n_epoch=None`` records into epoch 0.
+        is the id. ``n_epoch=None`` records into epoch 0. ``targets=None`` traces predictions without
+        ground truth (operation-time logging, an unlabelled pool); such rows get a ``logged_at`` column
+        (UTC), the time of this call unless ``logged_at`` (seconds since the Unix epoch) is given; a
+        labelled batch gets the column only when ``logged_at`` is given, so existing stores are unchanged.
         """
         if dataset_type not in self._valid_dataset_types:  # validated once per name, not per batch
             self._valid_dataset_types.add(validate_name(dataset_type, "dataset_type"))
@@ -170,8 +179,11 @@ class TraceCore:
             self._recorded.add((dataset_type, epoch))  # also when the batch is skipped below
             if input_ids is None and inputs is None:
                 raise TraceInputError("input_ids is None and no inputs were given to hash: pass input_ids=")
+            if logged_at is None and targets is None:
+                logged_at = time.time()
             batch = PendingBatch(outputs, targets, input_ids, features,
-                                 inputs if input_ids is None else None, dataset_type, epoch)
+                                 inputs if input_ids is None else None, dataset_type, epoch,
+                                 None if logged_at is None else _validate_time(logged_at))
             size = self.codec.check(batch)
         except Exception as exc:  # noqa: BLE001 - user tensors can fail in any way; never break training
             if self.strict:
@@ -187,11 +199,29 @@ class TraceCore:
             refused = [p for p in item.problems if p.count]  # count 0: a notice, nothing was dropped
             if refused:
                 raise TraceInputError("; ".join(p.message for p in refused))
-            item = _Encoded(item, batch.dataset_type, batch.n_epoch, size)
+            item = _Encoded(item, batch.dataset_type, batch.n_epoch, size, batch.logged_at)
         else:
             item = _handed_over(batch)
         self._ensure_worker()
-        self._put(("batch", item, size))
+        if self.block_when_full:
+            self._put(("batch", item, size))
+            return
+        try:
+            self._queue.put_nowait(("batch", item, size))
+        except queue.Full:
+            self.skip("queue_full", size, "the tracing worker is behind (the hand-over queue is full), so this "
+                      "batch was dropped instead of blocking the caller; sample fewer requests or raise "
+                      "max_pending_batches")
+
+    def request_flush(self) -> None:
+        """Ask the worker to make everything recorded so far durable, without waiting for it (serving code
+        calls this periodically; ``wait_for_save()`` is the blocking form). A full queue skips the request."""
+        if self._worker is None or not self._worker.is_alive():
+            return
+        try:
+            self._queue.put_nowait(("flush", None, threading.Event()))
+        except queue.Full:
+            pass
 
     def end_epoch(self, n_epoch: int) -> None:
         """Declare epoch ``n_epoch`` (and every earlier one) finished for every dataset type."""
@@ -345,7 +375,12 @@ class TraceCore:
                 return
         for problem in encoded.problems:
             self.skip(problem.reason, problem.count, problem.message)
-        table = self._drop_duplicates(key, encoded.table)
+        table = encoded.table
+        if item.logged_at is not None:
+            stamp = pa.timestamp("us", tz="UTC")
+            table = table.append_column(pa.field("logged_at", stamp), pa.array(
+                np.full(table.num_rows, round(item.logged_at * 1e6), dtype=np.int64), type=stamp))
+        table = self._drop_duplicates(key, table)
         with self._lock:
             self._stats.batches += 1
             self._stats.rows_received += size
@@ -492,6 +527,7 @@ class _Encoded:
     dataset_type: str
     n_epoch: int
     size: int
+    logged_at: float | None = None
 
 
 def _lower_thread_priority(niceness: int = 10) -> None:
@@ -511,7 +547,7 @@ def _lower_thread_priority(niceness: int = 10) -> None:
 def _handed_over(batch: PendingBatch) -> PendingBatch:
     return PendingBatch(hand_over(batch.outputs), hand_over(batch.targets), hand_over(batch.input_ids),
                         hand_over(batch.features), hand_over(batch.inputs), batch.dataset_type,
-                        batch.n_epoch)
+                        batch.n_epoch, batch.logged_at)
 
 
 def _validate_epoch(n_epoch: Any) -> int:
@@ -520,6 +556,18 @@ def _validate_epoch(n_epoch: Any) -> int:
     if isinstance(n_epoch, bool) or not isinstance(n_epoch, numbers.Integral) or int(n_epoch) < 0:
         raise TraceInputError(f"n_epoch must be a non-negative int or None, got {n_epoch!r}")
     return int(n_epoch)
+
+
+def _validate_time(logged_at: Any) -> float:
+    """Seconds since the Unix epoch from a number or a timezone-aware ``datetime``."""
+    if hasattr(logged_at, "timestamp"):
+        if getattr(logged_at, "tzinfo", None) is None:
+            raise TraceInputError("logged_at is a naive datetime; pass a timezone-aware one (e.g. "
+                                  "datetime.now(timezone.utc)) or seconds since the Unix epoch")
+        return float(logged_at.timestamp())
+    if isinstance(logged_at, bool) or not isinstance(logged_at, numbers.Real) or not np.isfinite(logged_at):
+        raise TraceInputError(f"logged_at must be seconds since the Unix epoch or an aware datetime, got {logged_at!r}")
+    return float(logged_at)
 
 
 def _safe_len(value: Any) -> int:

@@ -35,9 +35,15 @@ class ClassificationUnits:
     logit_margin: np.ndarray | None
     features: np.ndarray | None  # (N, D) float32
     feature_problem: str | None = None  # why stored features could not be used
+    logged_at: np.ndarray | None = None  # datetime64[us] (UTC) of rows traced with a time, NaT elsewhere
 
     def __len__(self) -> int:
         return len(self.label)
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """Rows traced with a label (``labels=None`` rows carry label -1)."""
+        return self.label >= 0
 
     def take(self, index: np.ndarray) -> "ClassificationUnits":
         def pick(a):
@@ -45,7 +51,8 @@ class ClassificationUnits:
 
         return ClassificationUnits(self.input_id[index], self.n_epoch[index], self.rank[index],
                                    self.label[index], self.probs[index], pick(self.logits),
-                                   pick(self.logit_margin), pick(self.features), self.feature_problem)
+                                   pick(self.logit_margin), pick(self.features), self.feature_problem,
+                                   pick(self.logged_at))
 
 
 def _matrix(table: pa.Table, column: str, dtype=np.float64) -> np.ndarray:
@@ -53,8 +60,9 @@ def _matrix(table: pa.Table, column: str, dtype=np.float64) -> np.ndarray:
 
 
 def load_units(table: pa.Table, meta: dict) -> ClassificationUnits:
-    """Decode stored rows (dense or top-k scores, optional features) into arrays."""
-    label = table.column("label").to_numpy().astype(np.int64)
+    """Decode stored rows (dense or top-k scores, optional features) into arrays; a null label (a row
+    traced without one) becomes -1."""
+    label = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
     logits = logit_margin = None
     if "logits" in table.column_names:
         logits = _matrix(table, "logits")
@@ -64,16 +72,18 @@ def load_units(table: pa.Table, meta: dict) -> ClassificationUnits:
         probs = probs / np.clip(probs.sum(axis=1, keepdims=True), _EPS, None)
     else:
         probs = _dense_from_topk(table, label, int(meta["num_classes"]))
-    if "logit_margin" in table.column_names:
-        logit_margin = table.column("logit_margin").to_numpy().astype(np.float64)
+    if "logit_margin" in table.column_names:  # of an unlabelled row it is the prediction's margin: not AUM
+        logit_margin = np.where(label >= 0, table.column("logit_margin").to_numpy().astype(np.float64), np.nan)
     features, feature_problem = None, None
     if "features" in table.column_names:
         try:
             features = _matrix(table, "features", np.float32)
         except ValueError as exc:  # e.g. ranks that captured different layers
             feature_problem = str(exc)
-    return ClassificationUnits(feature_problem=feature_problem,
-        
+    logged_at = None
+    if "logged_at" in table.column_names:
+        logged_at = table.column("logged_at").cast(pa.timestamp("us")).to_numpy()  # UTC, naive datetime64
+    return ClassificationUnits(feature_problem=feature_problem, logged_at=logged_at,
         input_id=np.asarray(table.column("input_id").to_pylist(), dtype=object),
         n_epoch=table.column("n_epoch").to_numpy().astype(np.int64),
         rank=table.column("rank").to_numpy().astype(np.int64),
@@ -86,6 +96,8 @@ def _dense_from_topk(table: pa.Table, label: np.ndarray, num_classes: int) -> np
     top = _matrix(table, "topk_prob")
     label_prob = table.column("label_prob").to_numpy().astype(np.float64)
     rows = np.arange(len(label))
+    # an unlabelled row stored the predicted class's probability (the largest, always among the top k)
+    label = np.where(label >= 0, label, index[rows, top.argmax(axis=1)])
     label_in_top = (index == label[:, None]).any(axis=1)
     stored_mass = top.sum(axis=1) + np.where(label_in_top, 0.0, label_prob)
     stored_count = index.shape[1] + (~label_in_top)
@@ -108,6 +120,20 @@ def drop_duplicate_units(units: ClassificationUnits) -> tuple[ClassificationUnit
     return units.take(keep), len(units) - len(keep)
 
 
+def prediction_signals(units: ClassificationUnits) -> pd.DataFrame:
+    """The per-unit signals that need no label: input_id, n_epoch, pred, entropy, msp, top2_gap."""
+    probs = units.probs
+    top2 = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:] if probs.shape[1] > 1 else np.c_[probs, probs]
+    return pd.DataFrame({
+        "input_id": units.input_id,
+        "n_epoch": units.n_epoch,
+        "pred": probs.argmax(axis=1),
+        "entropy": entr(probs).sum(axis=1),
+        "msp": probs.max(axis=1),
+        "top2_gap": top2[:, 1] - top2[:, 0],
+    })
+
+
 def unit_signals(units: ClassificationUnits) -> pd.DataFrame:
     """Per-unit signals from probabilities and labels (docs/analysis.md, 'Per-unit signals')."""
     probs, label = units.probs, units.label
@@ -115,19 +141,11 @@ def unit_signals(units: ClassificationUnits) -> pd.DataFrame:
     p_label = probs[rows, label]
     others = probs.copy()
     others[rows, label] = -np.inf
-    top2 = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:] if probs.shape[1] > 1 else np.c_[probs, probs]
-    frame = pd.DataFrame({
-        "input_id": units.input_id,
-        "n_epoch": units.n_epoch,
-        "label": label,
-        "pred": probs.argmax(axis=1),
-        "loss": -np.log(np.clip(p_label, _EPS, 1.0)),
-        "entropy": entr(probs).sum(axis=1),
-        "msp": probs.max(axis=1),
-        "top2_gap": top2[:, 1] - top2[:, 0],
-        "p_label": p_label,
-        "margin": p_label - others.max(axis=1),
-    })
+    frame = prediction_signals(units)
+    frame.insert(2, "label", label)
+    frame.insert(4, "loss", -np.log(np.clip(p_label, _EPS, 1.0)))
+    frame["p_label"] = p_label
+    frame["margin"] = p_label - others.max(axis=1)
     frame["correct"] = frame["pred"].to_numpy() == label
     if units.logits is not None:
         other_logits = units.logits.copy()
@@ -195,3 +213,11 @@ def metrics_row(dataset: str, units: ClassificationUnits, samples: pd.DataFrame)
         "baseline_error_proba_auroc": base_auroc,
         "baseline_error_proba_auprc": base_auprc,
     }
+
+
+def unlabelled_metrics_row(dataset: str, samples: pd.DataFrame) -> dict:
+    """The metrics_summary() row of a dataset traced without labels: its count; every metric that needs a
+    label is NaN (the label-free shares are in ``Result.unlabelled_summary()``)."""
+    return {column: float("nan") for column in METRIC_COLUMNS[2:]} | {
+        "dataset": dataset, "counts": int(len(samples)),
+        "baseline_error_proba_auroc": float("nan"), "baseline_error_proba_auprc": float("nan")}

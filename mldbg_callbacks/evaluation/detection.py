@@ -378,6 +378,8 @@ def evaluate_detection(read: ReadTraces, meta: dict, epochs: dict[str, list[int]
     for done, (dataset_type, epoch) in enumerate(jobs):
         if progress:
             progress(f"{dataset_type} epoch {epoch}", done, len(jobs))
+        if not run.images(dataset_type, epoch).n_images:  # every image was traced without ground truth
+            continue
         out, reference = run.evaluate(dataset_type, epoch)
         for key, table in out.items():
             parts[key].append(table)
@@ -406,7 +408,13 @@ class _Run:
     def images(self, dataset_type: str, epoch: int) -> Images:
         key = (dataset_type, epoch)
         if key not in self._images:
-            images, duplicates = load_images(self.read(dataset_type, epoch, False), self.geometry.box_width)
+            table = self.read(dataset_type, epoch, False)
+            without_gt = table.column("gt_boxes").null_count
+            if without_gt:  # operation logs: label-free detection evaluation is not available yet
+                self.note(f"{dataset_type} epoch {epoch}: {without_gt} image(s) traced without ground truth are not "
+                          "evaluated (label-free evaluation covers classification only so far)")
+                table = table.filter(pc.is_valid(table.column("gt_boxes")))
+            images, duplicates = load_images(table, self.geometry.box_width)
             if duplicates:
                 self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate input id(s) across ranks removed")
             self._images[key] = images

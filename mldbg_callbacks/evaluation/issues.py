@@ -84,6 +84,41 @@ CLASSIFICATION_CODES = {c.code: c for c in [
 ]}
 
 
+# Data traced without labels (operation-time logs, unlabelled pools): what can be said without a label.
+UNLABELLED_CODES = {c.code: c for c in [
+    ErrorCode("OP_OUT_OF_DISTRIBUTION",
+              "Far from everything in the training set (beyond the 99th percentile of the reference set's "
+              "neighbour distances).",
+              "Check these inputs for a new source, sensor or population; collect and label some for training."),
+    ErrorCode("OP_REJECTED_IN_HOTSPOT",
+              "Rejected at the operating threshold, inside a region where the model fails on the training set.",
+              "Route to a fallback or a human; label examples of the region (result.select(strategy='hotspot'))."),
+    ErrorCode("OP_REJECTED",
+              "Rejected at the operating threshold: error_proba at or above tau_op.",
+              "Route to a fallback or a human; label the most uncertain ones (result.select())."),
+    ErrorCode("OP_IN_HOTSPOT_REGION",
+              "Accepted, but inside a region where the model fails on the training set.",
+              "Watch the share of such inputs over time (result.monitoring())."),
+    ErrorCode("OP_ACCEPTED",
+              "Accepted at the operating risk.",
+              "No action needed."),
+]}
+
+
+def assign_unlabelled(samples: pd.DataFrame, tau_op: float) -> pd.DataFrame:
+    """Add ``accepted``, ``out_of_distribution`` and ``error_code`` (UNLABELLED_CODES, first match wins) to
+    the label-free per-unit table of rows traced without labels."""
+    accepted = samples["error_proba"].to_numpy(dtype=float) < tau_op
+    far = samples["density"].to_numpy(dtype=float) >= OOD_DENSITY
+    hot = samples["in_hotspot_region"].to_numpy(dtype=bool)
+    out = samples.copy()
+    out["accepted"] = accepted
+    out["out_of_distribution"] = far
+    out["error_code"] = np.select([far, ~accepted & hot, ~accepted, hot], list(UNLABELLED_CODES)[:4],
+                                  default="OP_ACCEPTED")
+    return out
+
+
 def assign_classification(samples: pd.DataFrame, tau_op: float, tau_stable: float, reference: bool) -> pd.DataFrame:
     """Add ``category`` and ``error_code`` to the per-unit table of one dataset and epoch.
 

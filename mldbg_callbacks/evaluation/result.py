@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,9 +32,10 @@ class Result:
     category and error code), ``get_issues()`` (one row per error code), ``get_view()`` (any grouping).
     """
 
-    def __init__(self, meta: dict, tables: dict[str, pd.DataFrame]):
+    def __init__(self, meta: dict, tables: dict[str, pd.DataFrame], store: Any = None):
         self.meta = meta
         self._tables = tables
+        self.store = store  # where the traces are: select(strategy="diversity") reads features from it
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -194,6 +196,170 @@ class Result:
             raise ValueError(f"{name}() is a detection view; this result is of a {self.task} model")
         return self._tables[name].copy()
 
+    # -- data traced without labels ----------------------------------------------------------------
+    def unlabelled(self) -> pd.DataFrame:
+        """One row per unit traced without labels (operation logs, unlabelled pools): its label-free
+        signals (pred, msp, entropy, top2_gap, neighbour signals, density, error_proba, region,
+        in_hotspot_region), ``accepted`` at tau_op, ``out_of_distribution``, ``error_code`` (OP_*) and
+        ``logged_at`` (UTC). Empty when every unit had a label."""
+        frame = self._tables.get("unlabelled")
+        return pd.DataFrame() if frame is None else frame.copy()
+
+    def unlabelled_summary(self) -> pd.DataFrame:
+        """Per dataset (and epoch) traced without labels: counts, accepted/rejected, out-of-distribution and
+        hotspot-region shares, mean error_proba."""
+        units = self.unlabelled()
+        if units.empty:
+            return pd.DataFrame(columns=["dataset", "n_epoch", "counts"])
+        units = units.rename(columns={"dataset_type": "dataset"})
+        summary = units.groupby(["dataset", "n_epoch"]).agg(
+            counts=("input_id", "size"), accepted_ratio=("accepted", "mean"),
+            ood_ratio=("out_of_distribution", "mean"), hotspot_region_ratio=("in_hotspot_region", "mean"),
+            mean_error_proba=("error_proba", "mean")).reset_index()
+        summary.insert(4, "rejected_ratio", 1.0 - summary["accepted_ratio"])
+        return summary
+
+    def monitoring(self, window: str = "D", dataset_type: str | None = None,
+                   baseline: str | None = None) -> pd.DataFrame:
+        """Operation-time monitoring of a dataset traced without labels: one row per time ``window`` of
+        ``logged_at`` (a pandas frequency: ``"h"``, ``"D"``, ...) with the shares of accepted, rejected,
+        out-of-distribution and hotspot-region units, the predicted-class distribution, its PSI and a KS
+        statistic per signal against ``baseline``, and a ``drift`` flag with its reasons
+        (evaluation/monitoring.py has the thresholds).
+
+        ``dataset_type``: needed when several datasets were traced without labels. ``baseline``: a labelled
+        dataset of this result; default a labelled one other than the reference set (e.g. ``val``), else
+        the reference set.
+        """
+        from .monitoring import window_summary
+
+        dataset = self._unlabelled_dataset(dataset_type)
+        units = self.unlabelled()
+        units = units[units["dataset_type"] == dataset]
+        units = units[units["n_epoch"] == units["n_epoch"].max()]
+        if "logged_at" not in units or units["logged_at"].isna().all():
+            raise ValueError(f"{dataset} has no logged_at times (traced by an older version); windows need them")
+        reference = self._reference_of(dataset, int(units["n_epoch"].iloc[0]))
+        samples = self._tables["samples"]
+        if baseline is None:
+            others = sorted(set(samples["dataset_type"]) - {reference[0]})
+            baseline = others[0] if others else reference[0]
+            if not others:
+                warnings.warn(f"monitoring {dataset} against its reference set {reference[0]}, whose msp, error_proba "
+                              "and density are optimistic (the model was fitted on it), so drift may be flagged "
+                              "that is only the generalisation gap; trace a labelled held-out dataset (e.g. "
+                              "dataset_type='val') as the baseline", UserWarning, stacklevel=2)
+        rows = samples[samples["dataset_type"] == baseline]
+        if rows.empty:
+            raise ValueError(f"baseline {baseline!r} is not a labelled dataset of this result; choose from "
+                             f"{sorted(set(samples['dataset_type']))}")
+        rows = rows[rows["n_epoch"] == (reference[1] if baseline == reference[0] else rows["n_epoch"].max())]
+        summary = window_summary(units.dropna(subset=["logged_at"]), rows, window)
+        summary.insert(0, "dataset", dataset)
+        summary.insert(1, "baseline", f"{baseline}@{int(rows['n_epoch'].iloc[0])}")
+        return summary
+
+    def select(self, budget: int, strategy: str = "error_proba", dataset_type: str | None = None,
+               output: str | Path | None = None, *, features: Any = None, seed: int = 0) -> pd.DataFrame:
+        """The ``budget`` units to label or review next, as a DataFrame in pick order (rank, input_id,
+        dataset_type, n_epoch, strategy, score, pred, error_proba, region).
+
+        ``strategy``: ``error_proba``, ``entropy``, ``margin``, ``hotspot``, ``diversity`` (needs
+        features), ``review_labels`` (needs labels) or ``random``; see evaluation/data_filtering.py.
+        ``dataset_type``: the pool; default the dataset traced without labels (if exactly one), else
+        ``train``. The newest evaluated epoch of the pool is used. ``output``: also write the selected
+        ids there, one per line (``.csv``: the whole table). ``features``: the pool's features, rows in
+        the pool's order (``diversity``; by default read from the store the result came from).
+        """
+        from .data_filtering import FEATURE_STRATEGIES, check_request, select_units
+
+        check_request(budget, strategy)
+        pool = self._pool(dataset_type)
+        labelled_features = None
+        if strategy in FEATURE_STRATEGIES and features is None:
+            features, labelled_features = self._pool_features(pool)
+        selected = select_units(pool, budget, strategy, features=None if features is None else np.asarray(features),
+                                labelled_features=labelled_features, seed=seed)
+        if output is not None:
+            path = Path(output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".csv":
+                selected.to_csv(path, index=False)
+            else:
+                path.write_text("".join(f"{i}\n" for i in selected["input_id"]), encoding="utf-8")
+        return selected
+
+    def _unlabelled_dataset(self, dataset_type: str | None) -> str:
+        units = self.unlabelled()
+        names = sorted(set(units["dataset_type"])) if len(units) else []
+        if dataset_type is not None:
+            if dataset_type not in names:
+                raise ValueError(f"{dataset_type!r} has no units traced without labels in this result; "
+                                 f"those are: {names or 'none'}")
+            return dataset_type
+        if len(names) != 1:
+            raise ValueError("name the dataset: dataset_type= one of " + str(names) if names else
+                             "this result has no data traced without labels (trace with labels=None, e.g. "
+                             "InferenceLogger, then evaluate)")
+        return names[0]
+
+    def _reference_of(self, dataset: str, n_epoch: int) -> tuple[str, int]:
+        for row in self.meta.get("thresholds", []):
+            if row["dataset"] == dataset and row["n_epoch"] == n_epoch:
+                name, epoch = row["reference"].rsplit("@", 1)
+                return name, int(epoch)
+        raise ValueError(f"no reference recorded for {dataset} epoch {n_epoch}")
+
+    def _pool(self, dataset_type: str | None) -> pd.DataFrame:
+        units = self.unlabelled()
+        unlabelled = sorted(set(units["dataset_type"])) if len(units) else []
+        samples = self._tables["samples"]
+        if dataset_type is None:
+            dataset_type = self._unlabelled_dataset(None) if len(unlabelled) == 1 else "train"
+        if dataset_type in unlabelled:
+            pool = units[units["dataset_type"] == dataset_type]
+        elif dataset_type in set(samples["dataset_type"]):
+            pool = samples[samples["dataset_type"] == dataset_type]
+        else:
+            raise ValueError(f"dataset_type {dataset_type!r} is not in this result; pools: "
+                             f"{sorted(set(samples['dataset_type']) | set(unlabelled))}")
+        pool = pool[pool["n_epoch"] == pool["n_epoch"].max()]
+        return pool.drop_duplicates("input_id").reset_index(drop=True)
+
+    def _pool_features(self, pool: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features of the pool's units (rows aligned) and of its labelled reference set (for a pool traced
+        without labels: the units already labelled), read from the store."""
+        from ..core.vectors import decode_vectors
+        from ..errors import SelectionError
+
+        dataset, epoch = pool["dataset_type"].iloc[0], int(pool["n_epoch"].iloc[0])
+        if self.store is None or not hasattr(self.store, "read_traces"):
+            raise SelectionError("strategy 'diversity' reads the pool's features from the store, which this result "
+                                 "cannot reach (a result from a server, or built by hand): pass features=, or open "
+                                 "the result with Evaluator(..., store=LOCAL_DIR)")
+
+        def read(name: str, n_epoch: int, ids: np.ndarray | None) -> np.ndarray:
+            table = self.store.read_traces(self.model_name, self.version_name, name, [n_epoch])
+            if "features" not in table.column_names:
+                raise SelectionError(
+                    f"strategy 'diversity' needs penultimate features and {name} epoch {n_epoch} was traced without "
+                    "them: trace with feature_layer=None (the default: the input of the last Linear/Dense layer) or "
+                    "pass features=. The strategies error_proba, entropy, margin, hotspot and random need none")
+            frame = pd.DataFrame({"input_id": table.column("input_id").to_pylist(),
+                                  "label": table.column("label").to_pylist()})
+            matrix = decode_vectors(table, "features").astype(np.float32)
+            if ids is None:  # the labelled rows of the reference set
+                return matrix[frame["label"].notna().to_numpy()]
+            position = pd.Index(frame["input_id"]).drop_duplicates().get_indexer(ids)
+            first = ~frame["input_id"].duplicated().to_numpy()
+            return matrix[first][position]
+
+        features = read(dataset, epoch, pool["input_id"].to_numpy())
+        labelled = None
+        if "correct" not in pool:  # a pool without labels: diversity away from what is labelled already
+            labelled = read(*self._reference_of(dataset, epoch), None)
+        return features, labelled
+
     def label_tracker(self, metric: str = "loss", bounds: str | None | list = "std",
                       label_mapping: dict | None = None, dataset_type: str = "train") -> LabelTrackerFrame:
         """Per label and epoch, the mean of a per-unit metric with bounds (FastEstimator's LabelTracker).
@@ -232,6 +398,8 @@ class Result:
         summary = {"metrics": self.metrics_summary(), "error_proba": self.error_proba_summary(),
                    "categories": self.issue_category_summary(), "error_codes": view, "notes": self.notes,
                    "epochs": self.epochs}
+        if "unlabelled" in self._tables:
+            summary["unlabelled"] = self.unlabelled_summary()
         if print_summary:
             console = make_console()
             console.print(f"[bold]{self.model_name}/{self.version_name}[/bold] — result {self.result_name!r}, "
@@ -241,6 +409,8 @@ class Result:
             console.print(dataframe_table(summary["categories"], "Issue categories (share of units)"))
             if view is not None:
                 console.print(dataframe_table(view, "Error codes within each category"))
+            if "unlabelled" in summary:
+                console.print(dataframe_table(summary["unlabelled"], "Traced without labels (docs/operation.md)"))
             for note in self.notes:
                 console.print(f"[yellow]note:[/yellow] {note}")
         return summary

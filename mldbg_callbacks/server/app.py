@@ -41,7 +41,7 @@ from .uploads import UploadError, read_chunk
 STATIC = Path(__file__).parent / "static"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 LOCAL_PROJECT = "local"
-TABLES = ("samples", "metrics", "categories", "history", "per_class", "tide", "images", "issues")
+TABLES = ("samples", "metrics", "categories", "history", "per_class", "tide", "images", "issues", "unlabelled")
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Checking an uploaded chunk before anything is stored: an Arrow IPC stream of trace rows.
 
 What the tracing core writes is a flat table: an ``input_id`` string column and columns of numbers,
-strings, booleans, binary or (nested) lists of those. Anything else (another format, a truncated
-stream, a table that decompresses beyond the limit or holds absurdly many values, odd column names) is
-refused with a 4xx status, before the memory it claims is taken.
+strings, booleans, binary, timestamps (``logged_at`` of rows traced without labels) or (nested) lists
+of those. Anything else (another format, a truncated stream, a table that decompresses beyond the limit
+or holds absurdly many values, odd column names) is refused with a 4xx status, before the memory it
+claims is taken.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def _allowed(kind: pa.DataType) -> bool:
         return _allowed(kind.value_type)
     return (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
             or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
-            or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) or pa.types.is_null(kind))
+            or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) or pa.types.is_null(kind)
+            or pa.types.is_timestamp(kind))
 
 
 def read_chunk(body: bytes, max_bytes: int, max_values: int) -> pa.Table:

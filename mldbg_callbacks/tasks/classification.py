@@ -2,7 +2,8 @@
 
 Stored per sample and epoch (``docs/storage.md`` has the byte counts):
 
-- ``input_id`` (string), ``label`` (int64)
+- ``input_id`` (string), ``label`` (int64; null for rows traced without labels, ``labels=None``:
+  operation-time logs and unlabelled pools, which also carry ``logged_at``, see ``core/trace_core.py``)
 Vector columns are fixed-size binary with dtype/width metadata (``core/vectors.py``):
 
 - ``logits`` or ``probs``: float32 vector of the C class scores when C <= ``max_stored_classes``;
@@ -58,8 +59,6 @@ class ClassificationCodec:
                 f"outputs has shape {tuple(shape) if shape is not None else '?'}; a classifier must return "
                 "(batch, num_classes) scores (or (batch,) for a binary model)"
             )
-        if batch.targets is None:
-            raise TraceInputError("labels are missing; pass the ground-truth class index of every sample")
         for name, value in (("labels", batch.targets), ("input_ids", batch.input_ids),
                             ("features", batch.features), ("inputs", batch.inputs)):
             if value is None:
@@ -73,7 +72,11 @@ class ClassificationCodec:
     # -- worker thread -------------------------------------------------------------------------
     def encode(self, batch: PendingBatch) -> EncodedBatch:
         scores = self._scores(to_numpy(batch.outputs))
-        labels = self._labels(to_numpy(batch.targets), scores.shape[1])
+        labelled = batch.targets is not None
+        # Unlabelled rows: the predicted class stands in for the label where top-k storage needs one
+        # (label_prob, logit_margin), and the stored label is null.
+        labels = (self._labels(to_numpy(batch.targets), scores.shape[1]) if labelled
+                  else scores.argmax(axis=1).astype(np.int64))
         ids = batch_ids(batch.input_ids, batch.inputs, len(scores))
         features = self.features.reduce(to_numpy(batch.features), len(scores))
 
@@ -101,7 +104,8 @@ class ClassificationCodec:
         if not keep.all():
             scores, labels, ids = scores[keep], labels[keep], ids[keep]
             features = None if features is None else features[keep]
-        columns = {"input_id": pa.array(ids, type=pa.string()), "label": pa.array(labels, type=pa.int64())}
+        columns = {"input_id": pa.array(ids, type=pa.string()),
+                   "label": pa.array(labels, type=pa.int64()) if labelled else pa.nulls(len(labels), pa.int64())}
         columns.update(self._score_columns(scores, labels))
         if features is not None:
             columns["features"] = to_float16(features)

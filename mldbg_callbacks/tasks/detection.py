@@ -4,7 +4,8 @@ Stored per image and epoch (one row; variable counts as Arrow list columns):
 
 - ``input_id`` (string), ``image_h`` / ``image_w`` (int32, null when unknown)
 - ``pred_boxes`` list<fixed_size_list<float32, 4>>, ``pred_scores`` list<float32>, ``pred_labels`` list<int32>
-- ``gt_boxes`` list<fixed_size_list<float32, 4>>, ``gt_labels`` list<int32>
+- ``gt_boxes`` list<fixed_size_list<float32, 4>>, ``gt_labels`` list<int32> (null for an image traced
+  without ground truth, ``targets=None``: operation-time logs; such rows also carry ``logged_at``)
 - ``features`` (optional): a float16 image-level embedding, as in classification.
 
 Boxes are ``[x1, y1, x2, y2]`` in pixels of the image the model saw. Detections are filtered here, the
@@ -109,9 +110,11 @@ class DetectionCodec:
                                   "entry per image (use ObjectDetectionTracer, or postprocess= to convert a "
                                   "model's output)")
         size = len(outputs["boxes"])
-        if batch.targets is None:
-            raise TraceInputError(f"ground truth is missing; accepted formats: {GT_FORMATS}")
-        batch.targets = ground_truth_lists(batch.targets, size)
+        if batch.targets is None:  # predictions only (operation logs): stored with null ground-truth columns
+            batch.targets = {"boxes": [np.zeros((0, self.box_width))] * size, "labels": [np.zeros(0)] * size,
+                             "missing": True}
+        else:
+            batch.targets = ground_truth_lists(batch.targets, size)
         counts = {"predicted boxes": size, "scores": len(outputs["scores"]), "labels": len(outputs["labels"]),
                   "ground-truth boxes": len(batch.targets["boxes"]),
                   "ground-truth labels": len(batch.targets["labels"])}
@@ -202,6 +205,9 @@ class DetectionCodec:
                 columns["pred_scores"] = _value_lists(pred_scores[keep], owner[keep], kept, pa.float32())
             columns[f"{prefix}_labels"] = _value_lists((pred_labels if prefix == "pred" else gt_labels)[keep],
                                                        owner[keep], kept, pa.int32())
+        if targets.get("missing"):  # no ground truth, not an image without objects
+            for name in [c for c in columns if c.startswith("gt_")]:
+                columns[name] = pa.nulls(int(kept.sum()), columns[name].type)
         if features is not None:
             columns["features"] = to_float16(features[kept])
         return EncodedBatch(vector_table(columns), problems)
