@@ -127,8 +127,7 @@ CLASSIFICATION = Task(
                               ("input_ids has 6 entries", "one entry of input_ids per sample"), units=8),
         "features_count": BadInput(replace(classification_good, features=np.ones((5, 4), np.float32)), "invalid_batch",
                                    ("features has 5 entries",), units=8),
-        "labels_missing": BadInput(replace(classification_good, labels=None), "invalid_batch",
-                                   ("labels are missing", "ground-truth class index"), units=8),
+        # (labels=None is no bad input: rows traced without labels are operation data, tests/test_operation.py)
         "labels_out_of_range": BadInput(with_values(labels=_labels_out_of_range), "label_out_of_range",
                                         ("outside [0, 3)", "labels must be class indices"), kept=(0, 1, 3, 4, 6, 7), units=8),
         "outputs_nan_inf": BadInput(with_values(outputs=_non_finite), "non_finite_outputs", ("NaN or Inf",),
@@ -197,7 +196,8 @@ def detection_format_cases(good: Callable, box: list) -> dict[str, BadInput]:
         "ground_truth_unknown_format": BadInput(replace(good, targets=lambda b: [(t["boxes"], t["labels"])
                                                                                  for t in b["targets"]]),
                                                 "invalid_batch", ("List[Dict]", "Dict[str, List]")),
-        "ground_truth_missing": BadInput(replace(good, targets=None), "invalid_batch", ("ground truth is missing",)),
+        # (targets=None: detections without ground truth are stored as operation data,
+        #  tests/test_operation.py::test_inference_logger_stores_detections_without_ground_truth and its 3D twin)
         "image_count": BadInput(replace(good, targets=lambda b: b["targets"][:3]), "invalid_batch",
                                 ("different numbers of images", "ground-truth boxes: 3", "one entry per image")),
         "ids_count": BadInput(replace(good, input_ids=lambda b: ids(0, 5)), "invalid_batch", ("input_ids: 5",)),
