@@ -623,3 +623,49 @@ def test_copied_core_starts_empty_and_works(tmp_path, rng, how):
     assert ids_of(committed_rows(tmp_path, n_epoch=1)) == {"0", "1", "2", "3", "10", "11", "12", "13"}
     clone.close()
     tracer.close()
+
+
+# -- staged encoding (small batches encoded together) ----------------------------------------------
+def test_small_batches_encoded_together_store_what_one_by_one_stores(tmp_path, rng):
+    import torch
+
+    batches = []
+    for start in range(0, 64, 4):  # torch and NumPy, int and string ids, labelled, with features
+        logits = rng.standard_normal((4, C)).astype(np.float32)
+        feats = rng.standard_normal((4, 8)).astype(np.float32)
+        labels = rng.integers(0, C, 4)
+        ids = np.arange(start, start + 4) if start % 8 else [f"s{i}" for i in range(start, start + 4)]
+        batches.append((torch.from_numpy(logits) if start % 16 else logits, labels, ids, feats))
+    stored = {}
+    for encode_rows in (1, 2048):
+        root = tmp_path / f"encode_rows={encode_rows}"
+        codec = ClassificationCodec()
+        calls = []
+        codec.encode = lambda batch, encode=codec.encode: calls.append(len(batch.outputs)) or encode(batch)
+        core = TraceCore(codec, LocalStore(root).run(MODEL, VERSION), encode_rows=encode_rows)
+        for logits, labels, ids, feats in batches:
+            core.record(logits, labels, input_ids=ids, features=feats)
+        core.wait_for_save()
+        assert calls == ([4] * 16 if encode_rows == 1 else [64])
+        stored[encode_rows] = committed_rows(root)
+        parts = list(root.rglob("*.parquet"))
+        assert len(parts) == 1 and pq.read_table(parts[0]).num_rows == 64
+    one_by_one, merged = stored[1], stored[2048]
+    assert one_by_one.keys() == merged.keys() and len(merged) == 64
+    for key, row in one_by_one.items():
+        for column, value in row.items():
+            np.testing.assert_array_equal(np.asarray(merged[key][column]), np.asarray(value), err_msg=column)
+
+
+def test_a_bad_batch_among_staged_ones_is_the_only_one_skipped(tmp_path, rng):
+    core = TraceCore(ClassificationCodec(), LocalStore(tmp_path).run(MODEL, VERSION))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        core.record(*good_batch(rng, range(4))[:2], input_ids=np.arange(4))
+        # same shapes (so it is staged with the others), but string labels: refused when encoded
+        core.record(rng.standard_normal((4, C)).astype(np.float32), np.array(list("abcd")), input_ids=np.arange(4, 8))
+        core.record(*good_batch(rng, range(4))[:2], input_ids=np.arange(8, 12))
+        stats = core.wait_for_save()
+    assert ids_of(committed_rows(tmp_path)) == {str(i) for i in (*range(4), *range(8, 12))}
+    assert stats.rows_skipped == {"invalid_batch": 4} and stats.rows_received == 12
+    assert trace_warnings(caught, "labels must be integer class indices")

@@ -55,5 +55,9 @@ class TaskCodec(Protocol):
     def encode(self, batch: PendingBatch) -> EncodedBatch:
         """Convert to host arrays, validate values, drop bad rows (reported as RowProblem)."""
 
+    # Optional (the core encodes batch by batch without them): ``merge_key(batch) -> hashable`` from metadata
+    # and ``merge(batches) -> PendingBatch``, so that the worker encodes consecutive small batches with the
+    # same key as one (the fixed cost per ``encode`` call dominates batches of a few samples).
+
     def run_meta(self) -> dict:
         """JSON-able facts about the traces (task, number of classes, ...) stored with the run."""

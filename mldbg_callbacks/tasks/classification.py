@@ -111,6 +111,24 @@ class ClassificationCodec:
             columns["features"] = to_float16(features)
         return EncodedBatch(vector_table(columns), problems)
 
+    def merge_key(self, batch: PendingBatch) -> tuple:
+        """What batches must share to be encoded as one (metadata only)."""
+        return (batch.targets is None, batch.features is None, batch.logged_at, _tail(batch.outputs),
+                _tail(batch.targets), _tail(batch.features))
+
+    def merge(self, batches: list[PendingBatch]) -> PendingBatch:
+        """One batch of host arrays from several with the same ``merge_key``."""
+        def joined(values):
+            return None if values[0] is None else np.concatenate([to_numpy(v) for v in values])
+
+        first = batches[0]
+        if self.output_kind == "auto":  # decided by the first batch, as without merging
+            self._scores(to_numpy(first.outputs))
+        ids = np.concatenate([batch_ids(b.input_ids, b.inputs, leading_dim(b.outputs)) for b in batches])
+        return PendingBatch(joined([b.outputs for b in batches]), joined([b.targets for b in batches]), ids,
+                            joined([b.features for b in batches]), None, first.dataset_type, first.n_epoch,
+                            first.logged_at)
+
     def run_meta(self) -> dict:
         return {
             "task": self.task,
@@ -197,6 +215,11 @@ class ClassificationCodec:
         columns["topk_prob"] = np.take_along_axis(probs, top, axis=1).astype(np.float32)
         columns["label_prob"] = pa.array(probs[np.arange(len(probs)), labels], type=pa.float32())
         return columns
+
+
+def _tail(value) -> tuple | None:
+    shape = getattr(value, "shape", None)
+    return None if shape is None else tuple(shape[1:])
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
