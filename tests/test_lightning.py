@@ -449,6 +449,11 @@ def test_predict_batch_layouts_names_and_mode(store_dir):
     make_trainer([MLDebuggerCallback(MODEL, "v4", strict=True)], max_epochs=1).predict(model, prebatched(dicts))
     rows = traces(store_dir, "operation", 0, version="v4")
     assert sorted(rows["input_id"]) == sorted(str(i) for i in ids) and rows["label"].isna().all()
+    # (x,) batches of a TensorDataset: no labels, no ids: content hashes
+    make_trainer([MLDebuggerCallback(MODEL, "v6", strict=True)], max_epochs=1).predict(
+        model, DataLoader(TensorDataset(torch.from_numpy(x)), batch_size=64))
+    rows = traces(store_dir, "operation", 0, version="v6")
+    assert sorted(rows["input_id"]) == sorted(row_hashes(x)) and rows["label"].isna().all()
     # mode="!predict": nothing traced
     make_trainer([MLDebuggerCallback(MODEL, "v5", mode="!predict")], max_epochs=1).predict(model, prebatched(dicts))
     assert epochs_of(store_dir, version="v5") == {}
