@@ -1,8 +1,26 @@
-"""Keras 3 callback: trace a classifier's per-sample predictions and features during ``model.fit``.
+"""Keras 3 callback: trace a classifier's per-sample predictions and features during ``model.fit``, and
+its predictions without labels at inference.
 
 Keras hands callbacks no predictions, so at the end of every k-th epoch the callback runs one extra
 prediction pass over the data it was given, with a sub-model that returns the model's output and its
 penultimate features in one pass, and records it into the tracing core.
+
+Inference (predictions without labels, into ``dataset_type="operation"`` by default, for the label-free
+evaluation ``result.unlabelled()``, docs/operation.md), two ways:
+
+- ``callback.trace_predictions(x, input_ids=None)``: predicts ``x`` with the same sub-model pass (scores
+  and penultimate features in one pass, any backend) and returns the scores, like ``model.predict``.
+- ``model.predict(x, callbacks=[callback])``: Keras' own predict; the callback records the outputs Keras
+  hands to ``on_predict_batch_end``. Keras passes callbacks no inputs and no features: on the torch
+  backend (not jit-compiled) the feature layer's ``call`` is wrapped while ``predict`` runs, so the
+  features come from the same forward; on compiled backends (jax, tensorflow) rows have no features
+  (one warning), which weakens density / out-of-distribution / neighbour signals: use
+  ``trace_predictions`` there.
+
+Rows get unique generated ids (``<12 hex>-<n>``, as InferenceLogger's) unless ``input_ids`` are given;
+``callback.predicted_ids`` lists those of the latest call in the order of the returned predictions. The
+epoch is that of the weights used (the last epoch of the latest ``fit``, 0 without one); the traces are
+durable when the call returns.
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ import numpy as np
 
 from mldbg_callbacks.core.trace_core import TraceStats, TraceWarning
 from mldbg_callbacks.errors import TraceInputError
+from mldbg_callbacks.operation import UniqueIds
 from mldbg_callbacks.store import LocalStore, resolve_store
 from mldbg_callbacks.store.names import validate_name
 from mldbg_callbacks.training import classification_core, scores_of
@@ -66,7 +85,8 @@ class MLDebuggerCallback(keras.callbacks.Callback):
 
     Args:
         model_name, version_name: identify the run in the store (letters, digits, ``_ . - + @``).
-        data: ``{dataset_type: source}``. A source is
+        data: ``{dataset_type: source}`` traced at epoch ends (``None``: none, for a callback that only traces
+            inference). A source is
             ``(x, y)`` or ``(x, y, ids)`` arrays (NumPy, tensors; ``x`` may be a dict or list of
             arrays for multi-input models), a ``keras.utils.PyDataset``, a ``torch.utils.data.DataLoader``
             or a ``tf.data.Dataset`` (TensorFlow backend) yielding ``(x, y)`` or ``(x, y, ids)`` batches.
@@ -90,6 +110,8 @@ class MLDebuggerCallback(keras.callbacks.Callback):
             softmax output layer; else logits), ``"logits"`` or ``"probs"``. A model with several
             outputs: the dict's ``logits`` entry, else the first output, holds the class scores.
         flush_every, max_stored_classes, top_k, max_feature_dim: as for ``ClassificationTracer``.
+        predict_dataset_type: where predictions without labels go (``trace_predictions``,
+            ``model.predict(callbacks=[callback])``; module docstring), default ``"operation"``.
 
     Backends: tested with ``KERAS_BACKEND=torch`` (the pass calls the sub-model directly under
     ``torch.no_grad()``, so outputs stay on the device until the background writer converts them).
@@ -98,11 +120,13 @@ class MLDebuggerCallback(keras.callbacks.Callback):
     eagerly with the last Dense layer's ``call`` wrapped during the pass (``integrations.keras_model``).
     """
 
-    def __init__(self, model_name: str, version_name: str, data: Mapping[str, Any], *, every_n_epochs: int = 1,
+    def __init__(self, model_name: str, version_name: str, data: Mapping[str, Any] | None = None, *,
+                 every_n_epochs: int = 1,
                  feature_layer: Any = None, batch_size: int = 256,
                  store: str | os.PathLike | LocalStore | None = None, label_tracker: bool | str | os.PathLike = True,
                  strict: bool = False, output_kind: str = "auto", flush_every: int = 1,
-                 max_stored_classes: int = 128, top_k: int = 32, max_feature_dim: int = 1024):
+                 max_stored_classes: int = 128, top_k: int = 32, max_feature_dim: int = 1024,
+                 predict_dataset_type: str = "operation"):
         super().__init__()
         self.model_name = validate_name(model_name, "model_name")
         self.version_name = validate_name(version_name, "version_name")
@@ -116,7 +140,9 @@ class MLDebuggerCallback(keras.callbacks.Callback):
         self.label_tracker = label_tracker
         self.strict = strict
         self.store = resolve_store(store)
-        self.sources = {name: _source(name, value, batch_size) for name, value in _checked_data(data).items()}
+        self.sources = {} if data is None else {name: _source(name, value, batch_size)
+                                                for name, value in _checked_data(data).items()}
+        self.predict_dataset_type = validate_name(predict_dataset_type, "predict_dataset_type")
         self.core = classification_core(self.model_name, self.version_name, store=self.store, flush_every=flush_every,
                                         strict=strict, output_kind=output_kind,
                                         max_stored_classes=max_stored_classes, top_k=top_k,
@@ -130,6 +156,11 @@ class MLDebuggerCallback(keras.callbacks.Callback):
         self._fit_params: Any = None  # the params dict of the fit now running (one per CallbackList)
         self._traced_in_fit: set[int] = set()
         self._inactive_reason: str | None = None
+        self._weights_epoch = 0  # the last epoch of the latest fit: the weights predictions are made with
+        self._unique_ids = UniqueIds()
+        self.predicted_ids: list = []  # ids of the rows of the latest prediction call, in order
+        self._predict_forward: Any = None  # model.predict on torch: the feature layer's call wrapped
+        self._predict_epoch: int | None = None
 
     # -- Keras events ----------------------------------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -152,7 +183,8 @@ class MLDebuggerCallback(keras.callbacks.Callback):
         self._guarded("setup", lambda: self._ensure_predictor())
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self._inactive_reason is not None or (epoch + 1) % self.every_n_epochs:
+        self._weights_epoch = epoch
+        if not self.sources or self._inactive_reason is not None or (epoch + 1) % self.every_n_epochs:
             return
         if epoch in self._traced_in_fit:  # the same callback listed twice: trace once
             return
@@ -172,6 +204,75 @@ class MLDebuggerCallback(keras.callbacks.Callback):
             self._guarded("write_failed", lambda: self.core.wait_for_save())
             if self.label_tracker:
                 self._guarded("label_tracker", self._save_label_tracker)
+
+    # -- inference -------------------------------------------------------------------------------
+    def trace_predictions(self, x: Any, input_ids: Any = None, *, batch_size: int | None = None) -> Any:
+        """Predict ``x`` (arrays, or a dict/list of arrays for several inputs) and trace the predictions
+        without labels, with penultimate features, into ``predict_dataset_type``; return the scores as
+        NumPy (``model.predict``'s output for a single-output classifier). ``input_ids``: one per sample,
+        else unique ids are generated (``callback.predicted_ids``). Durable when it returns."""
+        if self.model is None:
+            raise RuntimeError("the callback has no model yet: call callback.set_model(model) first (fit and "
+                               "predict do it)")
+        size = _rows(x)
+        ids = np.asarray(self._unique_ids.take(size) if input_ids is None else input_ids)
+        if ids.ndim != 1 or len(ids) != size:
+            raise ValueError(f"input_ids has shape {ids.shape} but x has {size} rows; pass one id per sample")
+        predictor = self._ensure_predictor()
+        step = batch_size or self.batch_size
+        scores = []
+        with predictor.session():
+            for start in range(0, size, step):
+                cut = slice(start, start + step)
+                batch_scores, features = predictor(keras.tree.map_structure(lambda leaf: leaf[cut], x))
+                self.core.record(batch_scores, None, input_ids=ids[cut], dataset_type=self.predict_dataset_type,
+                                 n_epoch=self._weights_epoch, features=features)
+                scores.append(keras.ops.convert_to_numpy(batch_scores))
+        self.predicted_ids = ids.tolist()
+        self._guarded("write_failed", lambda: self._save_predictions(self._weights_epoch))
+        return np.concatenate(scores) if scores else np.empty((0,))
+
+    def on_predict_begin(self, logs: dict | None = None) -> None:
+        self.predicted_ids = []
+        self._predict_epoch = self._weights_epoch
+        self._predict_forward = None
+        if keras.backend.backend() == "torch" and not getattr(self.model, "jit_compile", False):
+            from mldbg_callbacks.integrations.keras_model import KerasForward
+
+            self._predict_forward = self._guarded("setup", lambda: KerasForward(self.model, self.feature_layer))
+        elif self.feature_layer is not False:
+            self._warn_once("predict_features", f"model.predict on the {keras.backend.backend()} backend (compiled) "
+                            "gives callbacks no features, so its rows have none; call "
+                            "callback.trace_predictions(x) for predictions with penultimate features",
+                            strict_raises=False)
+
+    def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        features = self._predict_forward.take_features() if self._predict_forward is not None else None
+        # Keras flattens a dict of outputs into the logs themselves (python_utils.pythonify_logs)
+        outputs = (logs or {}).get("outputs", logs or None)
+        self._guarded("prediction_failed", lambda: self._record_predicted(outputs, features))
+
+    def on_predict_end(self, logs: dict | None = None) -> None:
+        if self._predict_forward is not None:
+            self._predict_forward.remove()
+            self._predict_forward = None
+        if self.predicted_ids:
+            self._guarded("write_failed", lambda: self._save_predictions(self._predict_epoch))
+
+    def _record_predicted(self, outputs: Any, features: Any) -> None:
+        if outputs is None:
+            raise TraceInputError("Keras passed on_predict_batch_end no 'outputs'; call "
+                                  "callback.trace_predictions(x) instead")
+        _refuse_detection(outputs, self.model)
+        scores = scores_of(outputs)
+        ids = self._unique_ids.take(_rows(scores))
+        self.core.record(scores, None, input_ids=ids, dataset_type=self.predict_dataset_type,
+                         n_epoch=self._predict_epoch, features=features)
+        self.predicted_ids.extend(ids)
+
+    def _save_predictions(self, epoch: int) -> None:
+        self.core.end_epoch(epoch)
+        self.core.wait_for_save()
 
     # -- the prediction pass ----------------------------------------------------------------------
     def trace_epoch(self, epoch: int) -> None:

@@ -61,6 +61,12 @@ class KerasForward:
         outputs = self.model(inputs, training=training, **kwargs)
         return outputs, self._features
 
+    def take_features(self) -> Any:
+        """The features of the latest forward through the model (by anyone: ``model.predict`` too), then
+        forget them."""
+        features, self._features = self._features, None
+        return features
+
     def remove(self) -> None:
         if self._patched is not None:
             layer, original = self._patched

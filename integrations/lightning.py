@@ -1,4 +1,4 @@
-"""PyTorch Lightning: ``MLDebuggerCallback`` traces every sample of the train, validation and test loops.
+"""PyTorch Lightning: ``MLDebuggerCallback`` traces every sample of the train, validation, test and predict loops.
 
 Example::
 
@@ -9,16 +9,19 @@ Example::
     trainer = pl.Trainer(max_epochs=5, callbacks=[MLDebuggerCallback(model_name="digits_mlp", version_name="v1")])
     trainer.fit(model, train_loader, val_loader)      # batches: (x, y) or (x, y, ids) or dicts
     print(Evaluator("digits_mlp", "v1").request_evaluation().metrics_summary())
+    trainer.predict(model, new_data_loader)          # inference: traced without labels into "operation"
+
 
 Where each piece comes from:
 
 - *epoch*: ``trainer.current_epoch`` during ``fit``; a standalone ``trainer.validate()`` /
-  ``trainer.test()`` records at the epoch whose weights it evaluates (``current_epoch - 1`` after a
-  fit, else 0). The sanity-check validation and validations in the middle of a training epoch
+  ``trainer.test()`` / ``trainer.predict()`` records at the epoch whose weights it uses (``current_epoch - 1``
+  after a fit, else 0). The sanity-check validation and validations in the middle of a training epoch
   (``val_check_interval < 1``) are not traced.
-- *dataset_type*: the loop, ``"train"``, ``"val"``, ``"test"`` (rename with ``dataset_types=``; a
+- *dataset_type*: the loop, ``"train"``, ``"val"``, ``"test"``, and ``"operation"`` for ``predict``
+  (rename with ``dataset_types=``, e.g. ``{"predict": "pool"}``; a
   second validation or test dataloader ``k`` becomes ``"<name>_<k>"``); ``mode=`` filters loops like
-  LabelTracker's ``mode`` (``"train"``, ``["train", "val"]``, ``"!test"``).
+  LabelTracker's ``mode`` (``"train"``, ``["train", "val"]``, ``"!test"``, ``"!predict"``).
 - *scores*: the step's returned dict (keys ``logits_key=``, default ``"logits"`` then ``"preds"``) or
   a tensor it returns; when the step returns only a loss, the output of the LightningModule's
   forward (or of the submodule named by ``output_module=``) during that step, via a forward hook.
@@ -27,6 +30,14 @@ Where each piece comes from:
   ``y``/``label``/``labels``/``target``/``targets``, sample ids ``id``/``ids``/``idx``/``index``/
   ``indices``/``sample_id``/``sample_ids``/``input_id``), or ``batch_fn(batch) -> (inputs, labels[, ids])``.
   Without ids the content hash of each input is its id (pass ids when inputs are augmented randomly).
+- *inference* (``trainer.predict``): labels are optional; batches without them (``x`` alone, ``(x,)``, a
+  dict without a label key) are traced with ``label`` null and a ``logged_at`` time, for the label-free
+  evaluation (``result.unlabelled()``, ``docs/operation.md``). Batches with labels (e.g. the test loader)
+  are traced with them. A pair ``(x, second)`` is ``(x, y)`` as in every loop, unless ``second`` is a
+  list of strings (ids: class indices are never strings); a float ``second`` is neither and is refused
+  (skipped with a warning, ``strict=True`` raises). Integer ids without labels: a dict ``{"x": x,
+  "id": ids}`` or ``batch_fn=lambda b: (b[0], None, b[1])``. The traces are durable when
+  ``trainer.predict`` returns.
 - *features*: the input of the last ``nn.Linear`` run in the step (``feature_layer=`` as for
   ClassificationTracer).
 
@@ -80,9 +91,11 @@ from mldbg_callbacks.errors import MLDebuggerError, TraceInputError
 
 __all__ = ["MLDebuggerCallback", "callbacks_factory"]
 
-LOOPS = ("train", "val", "test")
+LOOPS = ("train", "val", "test", "predict")
 MODE_ALIASES = {"eval": "val", "valid": "val", "validation": "val", "validate": "val", "fit": "train",
-                "training": "train", "testing": "test"}
+                "training": "train", "testing": "test", "predicting": "predict", "inference": "predict"}
+# What each loop is stored as unless dataset_types= renames it: predictions without labels are operation data.
+DEFAULT_DATASET_TYPES = {"train": "train", "val": "val", "test": "test", "predict": "operation"}
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
 LABEL_KEYS = ("y", "label", "labels", "target", "targets")
 ID_KEYS = ("id", "ids", "idx", "index", "indices", "sample_id", "sample_ids", "input_id")
@@ -113,13 +126,15 @@ class MLDebuggerCallback(Callback):
         model_name: identifies the model in the store; ``None``: the LightningModule's class name.
         version_name: identifies the run (letters, digits, ``_ . - + @``).
         store: a directory, a ``LocalStore`` or ``None`` (MLD_API_ENDPOINT, else MLD_HOME, else ``./mldbg``).
-        mode: which loops to trace: ``None`` (all), ``"train"``, ``["train", "val"]``, ``"!test"``.
-        dataset_types: names stored for the loops, e.g. ``{"val": "validation"}``; a list gives one name
-            per validation/test dataloader.
+        mode: which loops to trace: ``None`` (all), ``"train"``, ``["train", "val"]``, ``"!test"``,
+            ``"!predict"`` (``trainer.predict``, traced without labels: see the module docstring).
+        dataset_types: names stored for the loops, e.g. ``{"val": "validation"}``, ``{"predict": "pool"}``
+            (default ``"operation"``); a list gives one name per validation/test/predict dataloader.
         logits_key: key(s) of the step's returned dict holding the class scores.
         output_module: name of the submodule whose output is the class scores (default: the
             LightningModule's forward), used when the step returns no scores.
-        batch_fn: ``batch -> (inputs, labels)`` or ``(inputs, labels, ids)`` for batches of other shapes.
+        batch_fn: ``batch -> (inputs, labels)`` or ``(inputs, labels, ids)`` for batches of other shapes
+            (labels may be ``None`` in predict batches).
         feature_layer: ``None`` = input of the last Linear; a submodule name = its output; ``False`` = none.
         label_tracker_plot: save the per-label loss graph (PNG next to the run) at the end of ``fit``
             (rank 0, needs matplotlib).
@@ -287,6 +302,9 @@ class MLDebuggerCallback(Callback):
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._begin("test", trainer)
 
+    def on_predict_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._begin("predict", trainer)
+
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Lightning runs the epoch-end validation before this hook: train and val of the epoch are done.
         self._end(self._epoch.pop("train", None))
@@ -298,6 +316,17 @@ class MLDebuggerCallback(Callback):
 
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._end(self._epoch.pop("test", None))
+
+    def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._end(self._epoch.pop("predict", None))
+
+    def on_predict_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # trainer.predict() returns with its traces durable: serving code may evaluate right after it
+        if self._active and self.core is not None:
+            try:
+                self.core.wait_for_save()
+            except Exception as exc:  # noqa: BLE001
+                self._report_save_failure(exc)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._active:
@@ -353,6 +382,10 @@ class MLDebuggerCallback(Callback):
                             batch_idx: int, dataloader_idx: int = 0) -> None:
         self._forget_latest()
 
+    def on_predict_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                               batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._forget_latest()
+
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         self._trace("train", pl_module, outputs, batch, 0)
@@ -364,6 +397,10 @@ class MLDebuggerCallback(Callback):
     def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._trace("test", pl_module, outputs, batch, dataloader_idx)
+
+    def on_predict_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._trace("predict", pl_module, outputs, batch, dataloader_idx)
 
     def _forget_latest(self) -> None:
         # Outputs and features of a forward outside the step (or of the previous batch) must not be traced.
@@ -384,19 +421,21 @@ class MLDebuggerCallback(Callback):
         if epoch is None:
             return
         dataset_type = self._dataset_type(loop, dataloader_idx)
-        self._notice_retrace(dataset_type, epoch)
+        if loop != "predict":  # predicting new data at the same weights again is no retrace
+            self._notice_retrace(dataset_type, epoch)
         features = self._capture.pop() if self._capture is not None else None
         try:
-            inputs, labels, ids = self._split_batch(batch)
+            inputs, labels, ids = self._split_batch(batch, loop)
             scores = self._scores(loop, pl_module, outputs)
-            if labels is None:
+            if labels is None and loop != "predict":
                 raise _Skip("no_labels", f"the {loop} batches carry no labels ({_describe(batch)}); the callback "
                             "traces the class index of every sample: return batches as (x, y[, ids]) or dicts "
                             f"with one of the keys {list(LABEL_KEYS)}, or pass batch_fn=lambda batch: "
                             "(inputs, labels, ids)")
             if ids is None and not _is_array(inputs):
                 raise _Skip("no_ids", f"the {loop} batches carry no sample ids and no array inputs to hash "
-                            f"({_describe(batch)}); return ids in the batch (x, y, ids) or pass batch_fn=")
+                            f"({_describe(batch)}); return ids in the batch ((x, y, ids), or a dict with one of "
+                            f"the keys {list(ID_KEYS)}) or pass batch_fn=lambda batch: (inputs, labels, ids)")
         except _Skip as skip:
             self._skip(skip.reason, _rows(outputs, batch), skip.message)
             return
@@ -440,8 +479,13 @@ class MLDebuggerCallback(Callback):
         return self.core
 
     # -- what a batch holds -------------------------------------------------------------------
-    def _split_batch(self, batch: Any) -> tuple[Any, Any, Any]:
-        """(inputs, labels, ids) of a batch; labels and ids may be None."""
+    def _split_batch(self, batch: Any, loop: str) -> tuple[Any, Any, Any]:
+        """(inputs, labels, ids) of a batch; labels and ids may be None.
+
+        A pair ``(x, second)`` is ``(x, y)`` in every loop, so ``trainer.predict`` accepts the val/test
+        dataloaders. In predict batches, which usually have no labels, a list of strings as ``second`` is
+        ids (class indices are never strings) and a float tensor is refused: it is neither labels nor ids.
+        Integer ids without labels need a dict (``{"x": x, "id": ids}``) or ``batch_fn``."""
         if self.batch_fn is not None:
             parts = self.batch_fn(batch)
             if not isinstance(parts, (tuple, list)) or len(parts) not in (2, 3):
@@ -455,6 +499,8 @@ class MLDebuggerCallback(Callback):
             if len(batch) == 1:
                 return batch[0], None, None
             if len(batch) == 2:
+                if loop == "predict":
+                    return _predict_pair(batch)
                 return batch[0], batch[1], None
             if len(batch) == 3:
                 ids = batch[2]
@@ -593,7 +639,7 @@ def _parse_mode(mode: str | Iterable[str] | None, dataset_types: Mapping | None)
     if mode is None:
         return frozenset(LOOPS)
     terms = [mode] if isinstance(mode, str) else list(mode)
-    aliases = dict(MODE_ALIASES)
+    aliases = dict(MODE_ALIASES) | {name: loop for loop, name in DEFAULT_DATASET_TYPES.items()}
     for loop, names in (dataset_types or {}).items():
         for name in ([names] if isinstance(names, str) else names):
             aliases[name] = loop
@@ -603,14 +649,14 @@ def _parse_mode(mode: str | Iterable[str] | None, dataset_types: Mapping | None)
         name = term[1:] if negate else term
         loop = name if name in LOOPS else aliases.get(name)
         if loop is None:
-            raise ValueError(f"mode={mode!r}: unknown loop {name!r}; use 'train', 'val', 'test' (or a name from "
-                             "dataset_types), optionally negated as '!test'")
+            raise ValueError(f"mode={mode!r}: unknown loop {name!r}; use 'train', 'val', 'test', 'predict' (or a "
+                             "name from dataset_types), optionally negated as '!test'")
         (removed if negate else wanted).add(loop)
     return frozenset((wanted or set(LOOPS)) - removed)
 
 
 def _dataset_names(dataset_types: Mapping[str, str | Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
-    names = {loop: (loop,) for loop in LOOPS}
+    names = {loop: (DEFAULT_DATASET_TYPES[loop],) for loop in LOOPS}
     for loop, value in (dataset_types or {}).items():
         if loop not in LOOPS:
             raise ValueError(f"dataset_types keys are the loops {list(LOOPS)}, got {loop!r}")
@@ -618,6 +664,18 @@ def _dataset_names(dataset_types: Mapping[str, str | Sequence[str]] | None) -> d
         if not names[loop]:
             raise ValueError(f"dataset_types[{loop!r}] is empty; give at least one name")
     return names
+
+
+def _predict_pair(batch: Sequence) -> tuple[Any, Any, Any]:
+    """``(x, second)`` of a predict batch: ``(x, ids)`` when ``second`` holds strings, else ``(x, y)``."""
+    inputs, second = batch
+    if isinstance(second, (list, tuple)) and second and all(isinstance(item, str) for item in second):
+        return inputs, None, list(second)
+    if isinstance(second, torch.Tensor) and second.is_floating_point():
+        raise TraceInputError(f"a predict batch (x, second) whose second element is {_describe(second)}: neither "
+                              "class labels nor sample ids; return x alone, a dict ({'x': x, 'id': ids}) or pass "
+                              "batch_fn=lambda batch: (inputs, labels or None, ids or None)")
+    return inputs, second, None
 
 
 def _first_key(batch: Mapping, keys: Sequence[str]) -> Any:

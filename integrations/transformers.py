@@ -42,6 +42,13 @@ What is captured, and from where (all inside the Trainer's own steps):
   the same text gets the same id in every epoch), or of ``pixel_values`` (pass ids when images are
   augmented randomly).
 
+**Inference** (``trainer.predict(dataset)``, classifiers): forwards without labels (a dataset without a
+``label``/``labels`` column) are traced with ``label`` null and a ``logged_at`` time into
+``predict_dataset_type`` (default ``"operation"``), at the epoch of the weights used (the last epoch of
+``train()``, 0 without training), with features and ids as above; the traces are durable when
+``predict`` returns. Evaluate them label-free: ``result.unlabelled()`` (``docs/operation.md``).
+``evaluate()`` and ``predict()`` with labels outside ``train()`` are not traced.
+
 At the end of ``train()`` every rank waits until its traces are durable, then the main process saves
 the LabelTracker graph (``label_tracker_plot=True``) next to the traces. Gradient accumulation, the
 Trainer's mixed precision (bf16/fp16 outputs are widened) and a short last batch need nothing special.
@@ -129,6 +136,8 @@ class MLDebuggerCallback(TrainerCallback):
             max_pending_batches: as for ``ClassificationTracer``.
         score_thresh, max_detections_per_image: detection models only, as for ``ObjectDetectionTracer``
             (``None`` = what the model's image processor keeps, else 0.05 / 300).
+        predict_dataset_type: where ``trainer.predict()`` on data without labels traces its predictions
+            (classifiers; default ``"operation"``, see "Inference" in the module docstring).
 
     Add it once: ``Trainer(..., callbacks=[MLDebuggerCallback(...)])``. A second instance on the same
     Trainer or model warns and does nothing. Added later with ``trainer.add_callback()``, the training
@@ -140,8 +149,9 @@ class MLDebuggerCallback(TrainerCallback):
                  label_tracker_plot: bool = True, handoff_rows: int = 256, flush_every: int = 1, strict: bool = False,
                  output_kind: str = "auto", max_stored_classes: int = 128, top_k: int = 32,
                  max_feature_dim: int = 1024, max_pending_batches: int = 32, score_thresh: float | None = None,
-                 max_detections_per_image: int | None = None):
+                 max_detections_per_image: int | None = None, predict_dataset_type: str = "operation"):
         self.model_name = validate_name(model_name, "model_name")
+        self.predict_dataset_type = validate_name(predict_dataset_type, "predict_dataset_type")
         self.version_name = validate_name(version_name, "version_name")
         self.store = resolve_store(store)
         self.core = classification_core(self.model_name, self.version_name, store=self.store,
@@ -188,11 +198,13 @@ class MLDebuggerCallback(TrainerCallback):
         self._traced_evals: set = set()
         self._warned: set = set()
         self._decoder: Any = None            # detection: hf_detr.DetrDecoder of the model being trained
+        self._prediction: tuple | None = None  # (dataset_type, n_epoch) while trainer.predict() runs
+        self._closed = False
         self._handoff = Handoff(self.core, 1 if self.strict else self.handoff_rows)
 
     def __getstate__(self) -> dict:
         # Hooks, thread-locals and the Trainer do not pickle; a copy starts detached (TraceCore likewise).
-        keep = ("model_name", "version_name", "store", "core", "feature_layer", "id_columns",
+        keep = ("model_name", "version_name", "store", "core", "feature_layer", "id_columns", "predict_dataset_type",
                 "label_tracker_plot", "strict", "handoff_rows", "label_tracker_path", "task", "core_options",
                 "score_thresh", "max_detections_per_image", "detection_settings")
         return {k: self.__dict__[k] for k in keep}
@@ -215,6 +227,7 @@ class MLDebuggerCallback(TrainerCallback):
     def close(self) -> None:
         """Save what is buffered, stop the worker and take every hook off the model."""
         self._active = False
+        self._closed = True
         self._remove_run_hooks()
         self._handoff.flush()
         trainer = self._trainer()
@@ -394,6 +407,7 @@ class MLDebuggerCallback(TrainerCallback):
             self._hook_model(trainer.model)
         self._wrap_collator(trainer, late)
         self._wrap_evaluation_loop(trainer)
+        self._wrap_predict(trainer)
 
     def _hook_model(self, model: torch.nn.Module) -> None:
         """The pre-hook that takes BATCH_KEY out of forward's kwargs stays for the model's lifetime: a
@@ -459,6 +473,57 @@ class MLDebuggerCallback(TrainerCallback):
         evaluation_loop._mldbg_wrapped = True
         trainer.evaluation_loop = evaluation_loop
 
+    def _wrap_predict(self, trainer: Any) -> None:
+        """Know that ``trainer.predict()`` runs: its forwards without labels are traced (no event marks it)."""
+        original = trainer.predict
+        if getattr(original, "_mldbg_wrapped", False):
+            return
+        callback = weakref.ref(self)
+
+        @functools.wraps(original)
+        def predict(*args: Any, **kwargs: Any) -> Any:
+            owner = callback()
+            if owner is None or owner._disabled or owner._closed:
+                return original(*args, **kwargs)
+            with owner._predicting(trainer):
+                return original(*args, **kwargs)
+
+        predict._mldbg_wrapped = True
+        trainer.predict = predict
+
+    @contextlib.contextmanager
+    def _predicting(self, trainer: Any):
+        """While ``trainer.predict()`` runs: forwards without labels are traced into ``predict_dataset_type``
+        at the epoch of the weights used; outside ``train()`` with the run's hooks put on for the call, and
+        durable when it returns."""
+        model = trainer.model
+        outside_training = not self._active
+        if outside_training:
+            if self.task != "classification" or hf_detr.is_hf_detector(model):
+                self._warn_once("predict_detection", "predictions of detection models are not traced by the "
+                                "callback; log them with InferenceLogger(task='object_detection')")
+                yield
+                return
+            self._hook_model(model)
+            self._capture = None if self.feature_layer is False else TorchFeatureCapture(model, self.feature_layer)
+            self._handles = [model.register_forward_hook(self._after_forward, with_kwargs=True)]
+        epoch = self._epoch if self._active and self._epoch is not None else _trained_epoch(trainer.state)
+        previous, self._prediction = self._prediction, (self.predict_dataset_type, epoch)
+        try:
+            yield
+        finally:
+            self._prediction = previous
+            if outside_training:
+                self._remove_run_hooks()
+                self._flush_handoff()
+                try:
+                    self.core.end_epoch(epoch)
+                    self.core.wait_for_save()
+                except MLDebuggerError as exc:
+                    if self.strict:
+                        raise
+                    self._warn_once("predict_save", f"predictions could not all be saved: {exc}")
+
     @contextlib.contextmanager
     def _evaluating(self, metric_key_prefix: str):
         previous = self._eval_context
@@ -504,7 +569,7 @@ class MLDebuggerCallback(TrainerCallback):
     # -- hooks (training thread) --------------------------------------------------------------------
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         carried = kwargs.pop(BATCH_KEY, None)
-        if self._active:
+        if self._active or self._prediction is not None:
             self._local.carried = carried
             if self._capture is not None:
                 self._capture.pop()  # features of an earlier forward must not leak into this one
@@ -530,6 +595,8 @@ class MLDebuggerCallback(TrainerCallback):
             self.core.skip(reason, _rows(output), message)
 
     def _dataset_type(self, module: torch.nn.Module) -> str | None:
+        if self._prediction is not None and not self._active and not self._disabled:
+            return self._prediction[0]  # _trace keeps only the forwards without labels
         if not self._active or self._disabled or (self._epoch is None and self._eval_context is None):
             return None
         if self._eval_context is not None:
@@ -560,14 +627,19 @@ class MLDebuggerCallback(TrainerCallback):
         labels = kwargs.get("labels")
         if labels is None and carried is not None:
             labels = carried.get("labels")  # compute_loss pops labels before forward for label smoothing
+        epoch = self._epoch
         if labels is None:
-            self._skip_unlabelled(dataset_type, len(logits))
-            return
+            if self._prediction is None:
+                self._skip_unlabelled(dataset_type, len(logits))
+                return
+            dataset_type, epoch = self._prediction  # trainer.predict() on data without labels: inference
+        elif self._prediction is not None and not self._active:
+            return  # labelled predictions outside train() are not traced, as evaluate() outside it
         ids = None if carried is None else carried.get("input_id")
         if ids is None:
             ids = next((kwargs[c] for c in self.id_columns if kwargs.get(c) is not None), None)  # forward takes it
         inputs = None if ids is not None else self._content(module, args, kwargs)
-        self._handoff.add(logits.detach(), labels, ids, features, inputs, dataset_type, self._epoch)
+        self._handoff.add(logits.detach(), labels, ids, features, inputs, dataset_type, epoch)
 
     def _trace_detection(self, module, args, kwargs, output, carried, features, dataset_type) -> None:
         """One row per image: the family's decoded detections and the Hugging Face labels, in pixels."""
@@ -831,6 +903,11 @@ def _find_trainer(callback: MLDebuggerCallback) -> Any:
         return None
     finally:
         del frame
+
+
+def _trained_epoch(state: Any) -> int:
+    """The epoch whose weights the model has after ``train()``: the last one begun (0 before any)."""
+    return max(math.ceil((state.epoch or 0) - 1e-9) - 1, 0)
 
 
 def _barrier() -> None:

@@ -43,6 +43,18 @@ TRACERS = {"classification": ClassificationTracer, "object_detection": ObjectDet
            "object_detection_3d": ObjectDetection3DTracer}
 
 
+class UniqueIds:
+    """Ids for rows that come without any: ``<12 hex>-<n>``, unique across calls and processes, so identical
+    inputs logged twice are two rows, not duplicates (content hashes would merge them)."""
+
+    def __init__(self):
+        self.prefix = uuid.uuid4().hex[:12]
+        self._counter = itertools.count()  # next() on a count is atomic under the GIL
+
+    def take(self, size: int) -> list[str]:
+        return [f"{self.prefix}-{next(self._counter)}" for _ in range(size)]
+
+
 @dataclass
 class LoggerStats:
     """Counters of an InferenceLogger: calls seen, calls sampled for logging, tracing errors swallowed,
@@ -92,8 +104,7 @@ class InferenceLogger:
         self.tracer.core.block_when_full = False  # drop and count rather than block a request
         self._random = random.Random(seed)
         self._lock = threading.Lock()
-        self._id_prefix = uuid.uuid4().hex[:12]  # ids unique across processes: repeated inputs are not duplicates
-        self._row_counter = itertools.count()
+        self._unique_ids = UniqueIds()
         self._calls = self._sampled = self._errors = 0
         self._last_flush = time.monotonic()
         self._warned = False
@@ -144,7 +155,7 @@ class InferenceLogger:
         if isinstance(outputs, dict) and "boxes" in outputs:
             outputs = outputs["boxes"]
         size = leading_dim(outputs) or 0
-        return [f"{self._id_prefix}-{next(self._row_counter)}" for _ in range(size)]
+        return self._unique_ids.take(size)
 
     def _log(self, record: Any) -> None:
         try:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,3 +47,23 @@ def test_operation_logging_example(tmp_path):
     assert "normal: 597 calls, 597 logged" in done.stdout and "noisy: 597 calls, 597 logged" in done.stdout
     assert "normal: drift=False" in done.stdout and "noisy: drift=True" in done.stdout
     assert len(set(ids.read_text().splitlines())) == 50 and ids.read_text().startswith("noisy-")
+
+
+def inference_snippets() -> dict[str, str]:
+    """The Python blocks of docs/operation.md's "Callbacks in inference mode", by framework."""
+    text = (ROOT / "docs" / "operation.md").read_text()
+    section = text.split("## Callbacks in inference mode", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    return dict(zip(("lightning", "transformers", "keras"), blocks))
+
+
+@pytest.mark.parametrize("framework", ["lightning", "transformers", "keras"])
+def test_operation_doc_callback_snippets_run(tmp_path, framework):
+    pytest.importorskip({"lightning": "lightning.pytorch", "transformers": "transformers", "keras": "keras"}[framework])
+    snippet = inference_snippets()[framework]
+    assert f"integrations.{framework}" in snippet  # the blocks are in the documented order
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLD_HOME": str(tmp_path / "store"), "COLUMNS": "200",
+                               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KERAS_BACKEND": "torch"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "error_code" in done.stdout and "OP_" in done.stdout

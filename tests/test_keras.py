@@ -261,6 +261,72 @@ def test_resume_with_initial_epoch_gives_each_epoch_once(store_dir, digits, tmp_
     assert float(summary.set_index("dataset").loc["val", "accuracy"]) > 0.5
 
 
+# -- inference ---------------------------------------------------------------------------------------
+def held_out_digits(n: int = 200) -> np.ndarray:
+    """Digits the fixture's 697 do not use (same permutation), for predictions without labels."""
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().data / 16.0).astype(np.float32)
+    return x[np.random.default_rng(0).permutation(len(x))[697:697 + n]]
+
+
+def test_predictions_without_labels_are_traced_into_operation(store_dir, digits):
+    x_tr, y_tr, x_va, y_va = digits
+    x_new = held_out_digits()
+    callback = MLDebuggerCallback(MODEL, VERSION, data={"train": (x_tr, y_tr), "val": (x_va, y_va)})
+    model = sequential()
+    model.fit(x_tr, y_tr, epochs=3, batch_size=64, verbose=0, callbacks=[callback])
+    penultimate = keras.Model(model.inputs, model.layers[-1].input)  # independent of the callback
+    # Keras' own predict: outputs from on_predict_batch_end, features from the same forward (torch backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TraceWarning)
+        probs = model.predict(x_new[:120], batch_size=50, verbose=0, callbacks=[callback])
+    generated = list(callback.predicted_ids)
+    # the helper: the callback's sub-model pass, the caller's ids
+    own_ids = [f"req-{i}" for i in range(120, 200)]
+    scores = callback.trace_predictions(x_new[120:], input_ids=own_ids)
+    np.testing.assert_allclose(scores, model.predict(x_new[120:], verbose=0), rtol=1e-5, atol=1e-6)
+
+    found = partitions(store_dir)  # durable when the calls returned, at the epoch of the weights (2)
+    assert sorted(key for key in found if key[0] == "operation") == [("operation", 2)]
+    rows = found[("operation", 2)]
+    assert_each_sample_once(rows, generated + own_ids)
+    assert len(set(generated)) == 120 and all(row["label"] is None and row["logged_at"] is not None for row in rows)
+    expected_probs = np.concatenate([probs, scores])
+    np.testing.assert_allclose(column(rows, "probs", generated + own_ids), expected_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(column(rows, "features", generated + own_ids),
+                               penultimate.predict(x_new, verbose=0), rtol=2e-3, atol=2e-3)  # float16
+
+    unlabelled = Evaluator(MODEL, VERSION).request_evaluation().unlabelled()
+    assert len(unlabelled) == 200 and set(unlabelled["dataset_type"]) == {"operation"}
+    expected_pred = dict(zip(generated + own_ids, expected_probs.argmax(1)))
+    assert all(expected_pred[i] == p for i, p in zip(unlabelled["input_id"], unlabelled["pred"]))
+
+
+def test_inference_only_callback_names_and_bad_ids(store_dir, digits):
+    x_tr, y_tr, _, _ = digits
+    model = sequential()
+    model.fit(x_tr, y_tr, epochs=1, verbose=0)
+    callback = MLDebuggerCallback(MODEL, VERSION, predict_dataset_type="pool")  # no data: inference only
+    with pytest.raises(RuntimeError, match="set_model"):
+        callback.trace_predictions(x_tr[:10])
+    callback.set_model(model)
+    with pytest.raises(ValueError, match="one id per sample"):
+        callback.trace_predictions(x_tr[:10], input_ids=np.arange(9))
+    callback.trace_predictions(x_tr[:10], input_ids=np.arange(10))
+    model.predict(x_tr[10:30], verbose=0, callbacks=[callback])
+    assert sorted(partitions(store_dir)) == [("pool", 0)]  # no fit with this callback: epoch 0
+    assert len(partitions(store_dir)[("pool", 0)]) == 30 and len(callback.predicted_ids) == 20
+    # predictions that are not class scores: warned once, counted, predict goes on; strict raises
+    detector = detection_model()
+    callback = MLDebuggerCallback(MODEL, "v2")
+    with pytest.warns(TraceWarning, match="ObjectDetectionTracer"):
+        detector.predict(x_tr[:20], verbose=0, callbacks=[callback])
+    assert callback.failures["prediction_failed"] == 1
+    with pytest.raises(TraceInputError, match="ObjectDetectionTracer"):
+        detector.predict(x_tr[:20], verbose=0, callbacks=[MLDebuggerCallback(MODEL, "v3", strict=True)])
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def test_data_without_labels_is_refused_at_construction(digits):
     x_tr, y_tr, _, _ = digits

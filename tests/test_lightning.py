@@ -28,7 +28,8 @@ from mldbg_callbacks.errors import MLDebuggerError, TraceInputError  # noqa: E40
 from mldbg_callbacks.evaluator import Evaluator  # noqa: E402
 from mldbg_callbacks.integrations.lightning import MLDebuggerCallback  # noqa: E402
 from mldbg_callbacks.store import LocalStore  # noqa: E402
-from mldbg_callbacks.core.vectors import decoded_rows
+from mldbg_callbacks.core.hashing import row_hashes  # noqa: E402
+from mldbg_callbacks.core.vectors import decoded_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = digits_arrays()
@@ -153,8 +154,10 @@ def test_test_after_fit_mode_filter_and_names(store_dir):
     trainer.test(trainer.lightning_module, val_loader)
     assert epochs_of(store_dir, version="v2") == {"train": [0], "val": [0]}
     assert MLDebuggerCallback(MODEL, "v3", mode=["train"]).loops == {"train"}
-    with pytest.raises(ValueError, match="unknown loop 'predict'"):
-        MLDebuggerCallback(MODEL, "v3", mode="!predict")
+    assert MLDebuggerCallback(MODEL, "v3", mode="!predict").loops == {"train", "val", "test"}
+    assert MLDebuggerCallback(MODEL, "v3", mode="operation").loops == {"predict"}
+    with pytest.raises(ValueError, match="unknown loop 'serve'"):
+        MLDebuggerCallback(MODEL, "v3", mode="!serve")
 
 
 # -- resume --------------------------------------------------------------------------------------
@@ -374,6 +377,114 @@ def test_batches_without_labels(store_dir):
                                batch_fn=lambda batch: (batch["pixels"], batch["digit"], batch["row"]))
     make_trainer([named], max_epochs=1).fit(DictSteps(), digits_loaders()[0], dict_loader(("pixels", "digit", "row")))
     assert_each_sample_once(store_dir, "val", 0, version="v3")
+
+
+# -- inference: trainer.predict -------------------------------------------------------------------
+class Predicts(DigitsMLP):
+    """predict_step for every batch layout of the tests: a tensor, a tuple (x, ...), a dict."""
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        if isinstance(batch, dict):
+            return self(batch["pixels"])
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def prebatched(batches: list) -> DataLoader:
+    """A dataloader yielding the given batches as they are (a plain list would be many dataloaders)."""
+    return DataLoader(batches, batch_size=None)
+
+
+def test_predict_traces_without_labels_into_operation_and_the_evaluator_reads_them(store_dir):
+    callback = MLDebuggerCallback(MODEL, VERSION)
+    trainer = make_trainer([callback], max_epochs=2)
+    model = Predicts()
+    trainer.fit(model, *digits_loaders())
+    x_new = DATA["val"][0]  # held out from training; predicted without labels (x alone)
+    predictions = trainer.predict(model, DataLoader(torch.from_numpy(x_new), batch_size=100))
+    logits = torch.cat(predictions).numpy()
+    # durable when predict returns, at the epoch of the weights used (the last of the fit)
+    assert epochs_of(store_dir) == {"operation": [1], "train": [0, 1], "val": [0, 1]}
+    rows = traces(store_dir, "operation", 1)
+    assert len(rows) == N_VAL and rows["label"].isna().all() and rows["logged_at"].notna().all()
+    assert sorted(rows["input_id"]) == sorted(row_hashes(x_new))  # no ids: the content hash, as in every loop
+    with torch.no_grad():
+        features = model.body(torch.from_numpy(x_new)).numpy()
+    by_hash = dict(zip(row_hashes(x_new), range(N_VAL)))
+    order = [by_hash[i] for i in rows["input_id"]]
+    np.testing.assert_allclose(np.stack(rows["features"].map(np.asarray)), features[order], rtol=2e-3, atol=2e-3)
+
+    unlabelled = Evaluator(MODEL, VERSION).request_evaluation().unlabelled()
+    assert len(unlabelled) == N_VAL and set(unlabelled["dataset_type"]) == {"operation"}
+    expected_pred = dict(zip(row_hashes(x_new), logits.argmax(1)))
+    assert all(expected_pred[i] == p for i, p in zip(unlabelled["input_id"], unlabelled["pred"]))
+
+
+def test_predict_batch_layouts_names_and_mode(store_dir):
+    x, y, ids = DATA["val"]
+    model = Predicts()
+    make_trainer([MLDebuggerCallback(MODEL, VERSION)], max_epochs=1).fit(model, *digits_loaders())
+    string_ids = [f"req-{i}" for i in ids]
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return N_VAL
+
+        def __getitem__(self, i):
+            return torch.from_numpy(x[i]), string_ids[i]
+
+    # (x, string ids): ids; renamed with dataset_types; a new Trainer without fit records at epoch 0
+    callback = MLDebuggerCallback(MODEL, "v2", dataset_types={"predict": "pool"}, strict=True)
+    make_trainer([callback], max_epochs=1).predict(model, DataLoader(Pairs(), batch_size=64))
+    rows = traces(store_dir, "pool", 0, version="v2")
+    assert sorted(rows["input_id"]) == sorted(string_ids) and rows["label"].isna().all()
+    # the test loader (x, y, ids) predicts too: its labels are traced
+    callback = MLDebuggerCallback(MODEL, "v3", strict=True)
+    make_trainer([callback], max_epochs=1).predict(model, digits_loaders()[1])
+    rows = traces(store_dir, "operation", 0, version="v3")
+    assert sorted(rows["input_id"]) == sorted(str(i) for i in ids)
+    assert dict(zip(rows["input_id"], rows["label"])) == dict(zip(ids.astype(str), y))
+    # dict batches: integer ids without labels
+    dicts = [{"pixels": torch.from_numpy(x[i:i + 50]), "id": torch.from_numpy(ids[i:i + 50])}
+             for i in range(0, N_VAL, 50)]
+    make_trainer([MLDebuggerCallback(MODEL, "v4", strict=True)], max_epochs=1).predict(model, prebatched(dicts))
+    rows = traces(store_dir, "operation", 0, version="v4")
+    assert sorted(rows["input_id"]) == sorted(str(i) for i in ids) and rows["label"].isna().all()
+    # (x,) batches of a TensorDataset: no labels, no ids: content hashes
+    make_trainer([MLDebuggerCallback(MODEL, "v6", strict=True)], max_epochs=1).predict(
+        model, DataLoader(TensorDataset(torch.from_numpy(x)), batch_size=64))
+    rows = traces(store_dir, "operation", 0, version="v6")
+    assert sorted(rows["input_id"]) == sorted(row_hashes(x)) and rows["label"].isna().all()
+    # mode="!predict": nothing traced
+    make_trainer([MLDebuggerCallback(MODEL, "v5", mode="!predict")], max_epochs=1).predict(model, prebatched(dicts))
+    assert epochs_of(store_dir, version="v5") == {}
+
+
+def test_predict_batches_without_ids_or_hashable_inputs_and_ambiguous_pairs(store_dir):
+    x = DATA["val"][0]
+    model = Predicts()
+    # inputs that cannot be hashed (a list of strings under "x") and no ids
+    unhashable = prebatched([{"x": [f"t{j}" for j in range(i, i + 50)], "pixels": torch.from_numpy(x[i:i + 50])}
+                             for i in range(0, N_VAL, 50)])
+    callback = MLDebuggerCallback(MODEL, VERSION)
+    with pytest.warns(TraceWarning, match="no sample ids and no array inputs.*batch_fn="):
+        predictions = make_trainer([callback], max_epochs=1).predict(model, unhashable)
+    assert len(predictions) == len(unhashable)  # inference went on
+    assert callback.stats.rows_skipped["no_ids"] == N_VAL and epochs_of(store_dir) == {}
+    with pytest.raises(TraceInputError, match="no sample ids .*'id'"):
+        make_trainer([MLDebuggerCallback(MODEL, VERSION, strict=True)], max_epochs=1).predict(model, unhashable)
+
+    # (x, float tensor): neither labels nor ids
+    floats = prebatched([(torch.from_numpy(x[i:i + 50]), torch.rand(50)) for i in range(0, N_VAL, 50)])
+    callback = MLDebuggerCallback(MODEL, "v2")
+    with pytest.warns(TraceWarning, match="neither class labels nor sample ids"):
+        make_trainer([callback], max_epochs=1).predict(model, floats)
+    assert callback.stats.rows_skipped["invalid_batch"] == N_VAL
+    with pytest.raises(TraceInputError, match="neither class labels nor sample ids.*batch_fn="):
+        make_trainer([MLDebuggerCallback(MODEL, "v2", strict=True)], max_epochs=1).predict(model, floats)
+    # batch_fn names the parts: the same batches traced, float column ignored
+    named = MLDebuggerCallback(MODEL, "v3", strict=True, batch_fn=lambda batch: (batch[0], None, None))
+    make_trainer([named], max_epochs=1).predict(model, floats)
+    assert len(traces(store_dir, "operation", 0, version="v3")) == N_VAL
 
 
 class HalfOutputs(DigitsMLP):

@@ -221,6 +221,44 @@ def test_vit_image_classification_with_label_smoothing(tmp_path, store_dir):
     assert len(rows["120"]["features"]) == 32 and rows["120"]["label"] == evaluation[0]["label"]
 
 
+def test_predict_without_labels_traces_operation_rows_the_evaluator_reads(tmp_path, store_dir):
+    from mldbg_callbacks.evaluator import Evaluator
+
+    train, evaluation = digits_datasets(120, 40)
+    held_out = hf_data.DictDataset([{"pixel_values": row["pixel_values"], "id": f"req-{row['id']}"}
+                                    for row in digits_datasets(200, 60)[1]])  # digits 200..259, no label column
+    callback = MLDebuggerCallback("tiny-vit", VERSION)
+    trainer = Trainer(model=tiny_vit(), callbacks=[callback], train_dataset=train, eval_dataset=evaluation,
+                      args=training_args(tmp_path / "out", num_train_epochs=2))
+    trainer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TraceWarning)
+        predicted = trainer.predict(held_out)
+    # durable when predict returns, at the last epoch's weights; labelled data keeps today's behaviour
+    ids = stored_ids(store_dir, "tiny-vit", VERSION)
+    assert ids[("operation", 1)] == {f"req-{i}": 1 for i in range(200, 260)}
+    rows = stored_rows(store_dir, "tiny-vit", VERSION, "operation", 1)
+    assert all(row["label"] is None and row["logged_at"] is not None for row in rows.values())
+    np.testing.assert_allclose(np.stack([rows[f"req-{i}"]["logits"] for i in range(200, 260)]),
+                               predicted.predictions, atol=1e-5)
+    assert len(rows["req-200"]["features"]) == 32
+    trainer.predict(evaluation)  # with labels: not traced outside train()
+    assert sorted(stored_ids(store_dir, "tiny-vit", VERSION)) == sorted(ids)
+
+    unlabelled = Evaluator("tiny-vit", VERSION).request_evaluation().unlabelled()
+    assert sorted(unlabelled["input_id"]) == sorted(f"req-{i}" for i in range(200, 260))
+    expected = dict(zip((f"req-{i}" for i in range(200, 260)), predicted.predictions.argmax(1)))
+    assert all(expected[i] == p for i, p in zip(unlabelled["input_id"], unlabelled["pred"]))
+
+    # without an id column: content hashes of pixel_values; another name; a Trainer that did not train: epoch 0
+    anonymous = hf_data.DictDataset([{"pixel_values": row["pixel_values"]} for row in held_out])
+    other = MLDebuggerCallback("tiny-vit", "v2", predict_dataset_type="pool", strict=True)
+    fresh = Trainer(model=trainer.model, callbacks=[other], args=training_args(tmp_path / "out2", eval_strategy="no"))
+    fresh.predict(anonymous)
+    pixels = np.stack([row["pixel_values"].numpy() for row in held_out])
+    assert stored_ids(store_dir, "tiny-vit", "v2") == {("pool", 0): {h: 1 for h in row_hashes(pixels)}}
+
+
 def test_resume_from_checkpoint_records_each_epoch_once(tmp_path, store_dir):
     first, *_ = text_trainer(tmp_path, callbacks=[MLDebuggerCallback(MODEL, VERSION)], num_train_epochs=2,
                              save_strategy="epoch")
