@@ -16,22 +16,35 @@ from scipy.stats import entropy as scipy_entropy
 
 from test_detection3d_eval import _tracer as tracer3d
 from test_detection3d_eval import random_frames
-from test_detection_eval import SIZE, _record, _tracer, random_scene
+from test_detection_eval import SIZE, _tracer, random_scene
 
+from mldbg_callbacks.cli import main as mldbg
+from mldbg_callbacks.core.vectors import decode_vectors
 from mldbg_callbacks.errors import NoReferenceError, SelectionError
 from mldbg_callbacks.evaluator import Evaluator
 
 START = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
 LABEL_FREE = ["n_pred", "pred", "max_score", "entropy", "top2_gap", "error_proba", "expected_errors", "region",
-              "region_error_rate", "in_hotspot_region"]
+              "region_error_rate", "in_hotspot_region", "density"]
 
 
-def _log(tracer, images: dict, ids: list[str], at: dt.datetime) -> None:
-    """Trace ``images`` as serving code would: detections only (targets=None), under new ids, at ``at``."""
+def _trace(tracer, images: dict, dataset_type: str, features: dict | None = None, ids: list[str] | None = None,
+           at: dt.datetime | None = None) -> None:
+    """Trace ``images`` (id -> (gt_boxes, gt_labels, det_boxes, det_scores, det_labels)) with their ground
+    truth, or, with ``at``, as serving code would: detections only (targets=None), logged at ``at``."""
     detections = [{"boxes": np.asarray(images[i][2], float).reshape(-1, 4), "scores": np.asarray(images[i][3], float),
                    "labels": np.asarray(images[i][4], int)} for i in images]
-    tracer.record(detections, None, input_ids=ids, dataset_type="operation", image_sizes=[SIZE] * len(ids),
-                  logged_at=at)
+    targets = None if at is not None else {"boxes": [np.asarray(images[i][0], float).reshape(-1, 4) for i in images],
+                                            "labels": [np.asarray(images[i][1], int) for i in images]}
+    tracer.record(detections, targets, input_ids=ids or list(images), dataset_type=dataset_type,
+                  image_sizes=[SIZE] * len(images), logged_at=at,
+                  features=None if features is None else np.stack([features[i] for i in images]))
+
+
+def _embeddings(rng, images: dict, shift: np.ndarray | None = None) -> dict:
+    """An image-level embedding per image: one cluster for the training distribution, moved by ``shift``."""
+    centre = np.full(16, 2.0) + (0.0 if shift is None else shift)
+    return {key: (centre + rng.normal(0, 1, 16)).astype(np.float32) for key in images}
 
 
 def _degraded(images: dict, rng) -> dict:
@@ -50,14 +63,18 @@ def evaluated(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("opdet")
     rng = np.random.default_rng(7)
     train, val, fresh, shifted = (random_scene(rng, n) for n in (300, 150, 150, 150))
+    features = {name: _embeddings(rng, images) for name, images in (("train", train), ("val", val), ("fresh", fresh))}
+    features["shifted"] = _embeddings(rng, shifted, shift=rng.normal(0, 2, 16))
     with _tracer(store_dir, num_classes=4) as tracer:
-        _record(tracer, train, "train", 0)
-        _record(tracer, val, "val", 0)
-        _log(tracer, val, [f"op-{k}" for k in val], START)  # hour 1: the val images again, without ground truth
-        # hour 2: new images of the same distribution; hour 3: new images through a worse sensor
-        _log(tracer, fresh, [f"fresh-{k}" for k in fresh], START + dt.timedelta(hours=1))
-        shifted = _degraded(shifted, rng)
-        _log(tracer, shifted, [f"shift-{k}" for k in shifted], START + dt.timedelta(hours=2))
+        _trace(tracer, train, "train", features["train"])
+        _trace(tracer, val, "val", features["val"])
+        # hour 1: the val images again, without ground truth; hour 2: new images of the same distribution;
+        # hour 3: new images from a new sensor (other embeddings, lower scores, more background boxes)
+        _trace(tracer, val, "operation", features["val"], [f"op-{k}" for k in val], START)
+        _trace(tracer, fresh, "operation", features["fresh"], [f"fresh-{k}" for k in fresh],
+               START + dt.timedelta(hours=1))
+        _trace(tracer, _degraded(shifted, rng), "operation", features["shifted"], [f"shift-{k}" for k in shifted],
+               START + dt.timedelta(hours=2))
         tracer.wait_for_save()
     return Evaluator("det", "v1", store=store_dir).request_evaluation(), val, shifted
 
@@ -89,8 +106,11 @@ def test_images_without_ground_truth_get_the_label_free_signals_of_the_labelled_
     # accepted: below the reference's threshold on P(false positive); the codes are the OP_* of classification
     tau = result.thresholds.set_index("dataset").loc["operation", "det_tau_op"]
     np.testing.assert_array_equal(units["accepted"], units["error_proba"] < tau)
-    assert set(units["error_code"]) <= {"OP_REJECTED_IN_HOTSPOT", "OP_REJECTED", "OP_IN_HOTSPOT_REGION", "OP_ACCEPTED"}
-    assert not units["out_of_distribution"].any()
+    assert set(units["error_code"]) <= {"OP_OUT_OF_DISTRIBUTION", "OP_REJECTED_IN_HOTSPOT", "OP_REJECTED",
+                                        "OP_IN_HOTSPOT_REGION", "OP_ACCEPTED"}
+    assert (units["error_code"] == "OP_OUT_OF_DISTRIBUTION").equals(units["out_of_distribution"])
+    assert units["density"].between(0, 100).all()
+    np.testing.assert_array_equal(units["out_of_distribution"], units["density"] >= 99)
     summary = result.unlabelled_summary()
     assert summary.loc[0, "counts"] == 450
     metrics = result.metrics_summary().set_index("dataset")
@@ -109,8 +129,19 @@ def test_the_degraded_window_drifts_and_the_unshifted_one_does_not(evaluated):
     assert shifted["drift"] and "max_score KS" in shifted["drift_reasons"]
     assert shifted["ks_max_score"] > 3 * fresh["ks_max_score"]
     assert shifted["rejected_ratio"] > fresh["rejected_ratio"]
+    assert shifted["ood_ratio"] > 0.9 and fresh["ood_ratio"] < 0.1 and "density KS" in shifted["drift_reasons"]
     assert -1 in same["pred_distribution"]  # an image without a reported detection is counted as class -1
-    assert "ks_density" not in windows  # no image-level embedding: not tested
+
+
+def test_mldbg_monitor_and_select_work_on_a_detection_result(evaluated, capsys, tmp_path):
+    result, _, _ = evaluated
+    common = ["--store", str(result.store.root)]
+    assert mldbg([*common, "monitor", "det", "v1", "--result", result.result_name, "--window", "h"]) == 0
+    assert "1 of 3 window(s) drift" in capsys.readouterr().out
+    output = tmp_path / "ids.txt"
+    assert mldbg([*common, "select", "det", "v1", "--result", result.result_name, "--budget", "7",
+                  "-o", str(output)]) == 0
+    assert output.read_text().split() == list(result.select(7)["input_id"])
 
 
 def test_select_on_a_detection_pool_returns_image_ids(evaluated):
@@ -129,8 +160,16 @@ def test_select_on_a_detection_pool_returns_image_ids(evaluated):
         assert len(result.select(1000, "entropy")) == 450
     val_pool = result.select(10, "error_proba", dataset_type="val")  # a labelled pool: its images
     assert len(val_pool) == 10 and val_pool["input_id"].isin(list(result.images()["input_id"])).all()
-    with pytest.raises(SelectionError, match="needs penultimate features"):
-        result.select(5, "diversity")
+    # diversity: k-center greedy on the image features; the first pick is the pool image farthest from train
+    diverse = result.select(5, "diversity")
+    traces = result.store.read_traces("det", "v1", "operation", [0])
+    pool, train = (decode_vectors(t, "features").astype(float)
+                   for t in (traces, result.store.read_traces("det", "v1", "train", [0])))
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    nearest = np.linalg.norm(pool[:, None] - train[None], axis=2).min(axis=1)
+    assert diverse["input_id"].iloc[0] == traces.column("input_id")[int(np.argmax(nearest))].as_py()
+    assert diverse["input_id"].str.startswith("shift-").all()  # the new sensor's images are the new ones
     with pytest.raises(SelectionError, match="OD_MISSING_LABEL"):
         result.select(5, "review_labels")
 
@@ -139,7 +178,7 @@ def test_detections_without_ground_truth_and_no_training_reference_get_a_clear_m
     rng = np.random.default_rng(1)
     scene = random_scene(rng, 20)
     with _tracer(store_dir, num_classes=4) as tracer:
-        _log(tracer, scene, list(scene), START)
+        _trace(tracer, scene, "operation", at=START)
         tracer.wait_for_save()
     with pytest.raises(NoReferenceError, match="Trace the training data"):
         Evaluator("det", "v1", store=store_dir).request_evaluation()
@@ -158,6 +197,7 @@ def test_3d_frames_without_ground_truth_get_the_label_free_signals_of_the_labell
     images = result.images()
     labelled = images[images["dataset_type"] == "val"].set_index("input_id").sort_index()
     assert len(units) == 60 and units["region"].str.contains("m").any()  # class:distance band slices
+    assert units["density"].isna().all() and not units["out_of_distribution"].any()  # traced without features
     pd.testing.assert_frame_equal(units[LABEL_FREE], labelled[LABEL_FREE], check_dtype=False)
     metrics = result.metrics_summary().set_index("dataset")
     assert metrics.loc["operation", "n_frames"] == 60

@@ -41,9 +41,10 @@ from .classification import _binary_scores
 from .coco import Boxes, coco_evaluate, match_detections
 from .dynamics import training_dynamics
 from .error_proba import ErrorProbaEstimator, operating_threshold
+from ..core.vectors import decode_vectors
 from ..errors import NoReferenceError
 from .issues import CATEGORIES, WEAK_LOC_IOU, assign_detection, assign_unlabelled
-from .neighbors import hotspot_regions
+from .neighbors import NeighborIndex, hotspot_regions, neighbor_signals
 from .pipeline import category_summary
 from .selection import reference_key
 from .tide import tide_errors
@@ -68,6 +69,7 @@ class Images:
     gt_position: np.ndarray  # index of each GT object within its image's list
     det_velocity: np.ndarray | None = None  # 3D: (N, 2), NaN where unknown
     gt_velocity: np.ndarray | None = None
+    features: np.ndarray | None = None  # (n_images, D) image-level embedding, when traced
 
     @property
     def n_images(self) -> int:
@@ -114,8 +116,19 @@ def load_images(table: pa.Table, box_width: int = 4) -> tuple[Images, int]:
         gt_position=np.arange(len(gt_image)) - np.repeat(gt_starts, gt_counts),
         det_velocity=_velocities(table, "pred_velocities", len(det_image)),
         gt_velocity=_velocities(table, "gt_velocities", len(gt_image)),
+        features=_image_features(table),
     )
     return images, duplicates
+
+
+def _image_features(table: pa.Table) -> np.ndarray | None:
+    """The image-level embedding, if traced in one width (parts of different widths: not used)."""
+    if "features" not in table.column_names:
+        return None
+    try:
+        return decode_vectors(table, "features").astype(np.float32)
+    except ValueError:
+        return None
 
 
 def _velocities(table: pa.Table, name: str, n: int) -> np.ndarray | None:
@@ -290,6 +303,20 @@ class Reference:
     det_tau_op: float  # on the reported detections' P(false positive): accepted below it, at the risk
     slice_error_rate: pd.Series  # per slice of the reference's reported detections: their false-positive rate
     hotspot_slices: np.ndarray
+    image_index: NeighborIndex | None = None  # the reference images' features (when traced): density
+    image_mean_distance: np.ndarray | None = None  # their own sorted mean neighbour distances
+
+    def density(self, images: Images, is_reference: bool = False) -> np.ndarray:
+        """Percentile of each image's mean cosine distance to its 10 nearest reference images among the
+        reference images' own (100: sparser than every one of them); NaN without comparable features."""
+        if (self.image_index is None or images.features is None
+                or images.features.shape[1] != self.image_index.base.shape[1]):
+            return np.full(images.n_images, np.nan)
+        neighbors, distances = self.image_index.query(images.features,
+                                                      input_id=images.input_id if is_reference else None)
+        pred = np.zeros(images.n_images, dtype=np.int64)
+        return neighbor_signals(self.image_index, neighbors, distances, pred, pred,
+                                self.image_mean_distance)["density"]
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
@@ -299,7 +326,7 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
 
 
 def label_free_images(images: Images, det_proba: np.ndarray, reference: Reference,
-                      geometry: "Geometry2D") -> pd.DataFrame:
+                      geometry: "Geometry2D", is_reference: bool = False) -> pd.DataFrame:
     """One row per image of what needs no ground truth (docs/operation.md, "Detection"):
 
     - ``n_pred``: detections reported (score >= the reference's ``score_op``); ``pred``: the class of the
@@ -310,7 +337,8 @@ def label_free_images(images: Images, det_proba: np.ndarray, reference: Referenc
       detection score to ``score_op`` (inf: no detection) — uncertainty at the operating point;
     - ``region``: the slice (class:size, 3D class:distance band) of the most doubtful reported detection,
       ``region_error_rate`` its false-positive rate on the reference, ``in_hotspot_region``: a reported
-      detection is in a hotspot slice of the reference; ``density``: NaN (no image-level embedding used).
+      detection is in a hotspot slice of the reference; ``density``: ``Reference.density`` of the image-level
+      features (NaN when not traced).
     """
     dets, n = images.dets, images.n_images
     reported = np.flatnonzero(dets.score >= reference.score_op)
@@ -335,7 +363,7 @@ def label_free_images(images: Images, det_proba: np.ndarray, reference: Referenc
         "entropy": _group_max(binary_entropy(dets.score), dets.image, n), "top2_gap": gap,
         "error_proba": _group_max(proba, image, n), "expected_errors": np.bincount(image, weights=proba, minlength=n),
         "region": region, "region_error_rate": reference.slice_error_rate.reindex(region).to_numpy(dtype=float),
-        "in_hotspot_region": hot, "density": np.nan,
+        "in_hotspot_region": hot, "density": reference.density(images, is_reference),
     })
 
 
@@ -482,7 +510,7 @@ class _Run:
     def images(self, dataset_type: str, epoch: int) -> Images:
         key = (dataset_type, epoch)
         if key not in self._images:
-            table = self.read(dataset_type, epoch, False)
+            table = self.read(dataset_type, epoch, True)
             # images traced without ground truth (null gt_boxes: not "no objects") go to the label-free path
             without_gt = table.filter(pc.is_null(table.column("gt_boxes")))
             images = self._load(table.filter(pc.is_valid(table.column("gt_boxes"))), dataset_type, epoch)
@@ -537,6 +565,14 @@ class _Run:
                               operating_threshold(gt_scores, gt_missed, self.risk / 5),
                               operating_threshold(det_scores[reported], false_positive, self.risk),
                               pd.Series(rate, index=slices).groupby(level=0).first(), np.unique(slices[hot]))
+        if images.features is not None:
+            wrong_image = np.zeros(images.n_images, dtype=bool)
+            wrong_image[images.dets.image[reported][false_positive]] = True
+            index = NeighborIndex.build(images.features, images.input_id, np.zeros(images.n_images, np.int64),
+                                        wrong_image)
+            neighbors, distances = index.query(images.features, input_id=images.input_id)
+            reference.image_index = index
+            reference.image_mean_distance = np.sort(distances.mean(axis=1).astype(np.float64))
         self._references[key] = reference
         return reference
 
@@ -610,7 +646,9 @@ class _Run:
             "error_proba_auroc": ep_auroc, "error_proba_auprc": ep_auprc,
             "baseline_error_proba_auroc": base_auroc, "baseline_error_proba_auprc": base_auprc,
         }
-        label_free = label_free_images(images, det_proba, reference, self.geometry).drop(columns=["input_id", "n_pred"])
+        label_free = label_free_images(images, det_proba, reference, self.geometry,
+                                       is_reference=ref_key == (dataset_type, epoch))
+        label_free = label_free.drop(columns=["input_id", "n_pred"])  # the image view has both
         tables = {"samples": samples, "metrics": pd.DataFrame([metrics]), "per_class": per_class,
                   "images": pd.concat([_image_view(samples, images, accepted), label_free], axis=1),
                   "history": history, **extra}

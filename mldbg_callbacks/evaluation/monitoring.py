@@ -13,7 +13,8 @@ Per window (``logged_at``, UTC, e.g. hour or day) of a dataset traced without la
 
 Detection (one unit per image, ``detection.label_free_images``): the predicted class of an image is the
 class of its top reported detection, "no detection" (-1) being a class of its own, and the KS signals are
-``max_score``, ``error_proba`` and ``expected_errors`` (``DETECTION_KS_SIGNALS``).
+``max_score``, ``error_proba``, ``expected_errors`` and, when image-level features were traced, ``density``
+(``DETECTION_KS_SIGNALS``).
 
 Windows with fewer than ``MIN_WINDOW_UNITS`` units are summarised but never flagged. The baseline is a
 labelled dataset evaluated against the same reference (e.g. ``val``: held-out data of the training
@@ -30,7 +31,7 @@ from scipy.stats import ks_2samp
 PSI_DRIFT = 0.25
 PSI_FLOOR = 1e-4
 KS_SIGNALS = ("msp", "error_proba", "density")
-DETECTION_KS_SIGNALS = ("max_score", "error_proba", "expected_errors")
+DETECTION_KS_SIGNALS = ("max_score", "error_proba", "expected_errors", "density")  # density: with features
 KS_ALPHA = 0.01
 KS_MIN_STATISTIC = 0.1
 MIN_WINDOW_UNITS = 30

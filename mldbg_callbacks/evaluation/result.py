@@ -201,7 +201,9 @@ class Result:
         """One row per unit traced without labels (operation logs, unlabelled pools): its label-free
         signals (pred, msp, entropy, top2_gap, neighbour signals, density, error_proba, region,
         in_hotspot_region), ``accepted`` at tau_op, ``out_of_distribution``, ``error_code`` (OP_*) and
-        ``logged_at`` (UTC). Empty when every unit had a label."""
+        ``logged_at`` (UTC). Detection: one row per image traced without ground truth (n_pred, pred,
+        max_score, entropy, top2_gap, error_proba, expected_errors, slices as regions, density with
+        features; docs/operation.md). Empty when every unit had a label."""
         frame = self._tables.get("unlabelled")
         return pd.DataFrame() if frame is None else frame.copy()
 
