@@ -334,7 +334,7 @@ def label_free_images(images: Images, det_proba: np.ndarray, reference: Referenc
     - ``error_proba``: the largest P(false positive) of a reported detection (0: none), ``expected_errors``:
       their sum (the expected number of false positives); misses cannot be estimated without ground truth;
     - ``entropy``: the largest binary entropy of a detection score; ``top2_gap``: the smallest distance of a
-      detection score to ``score_op`` (inf: no detection) — uncertainty at the operating point;
+      detection score to ``score_op`` (NaN: no detection) — uncertainty at the operating point;
     - ``region``: the slice (class:size, 3D class:distance band) of the most doubtful reported detection,
       ``region_error_rate`` its false-positive rate on the reference, ``in_hotspot_region``: a reported
       detection is in a hotspot slice of the reference; ``density``: ``Reference.density`` of the image-level
@@ -357,6 +357,7 @@ def label_free_images(images: Images, det_proba: np.ndarray, reference: Referenc
     hot[image[np.isin(slices, reference.hotspot_slices)]] = True
     gap = np.full(n, np.inf)
     np.minimum.at(gap, dets.image, np.abs(dets.score - reference.score_op))
+    gap[np.isinf(gap)] = np.nan  # no detection (NaN, not inf: result tables also travel as JSON)
     return pd.DataFrame({
         "input_id": images.input_id, "n_pred": np.bincount(image, minlength=n), "pred": pred,
         "max_score": _group_max(dets.score, dets.image, n),
@@ -671,7 +672,10 @@ class _Run:
                 "model_name/version_name, then evaluate again")
         reference = self.reference(ref_key)
         det_proba = reference.det_estimator.predict(detection_signals(images, self.geometry))
-        frame = assign_unlabelled(label_free_images(images, det_proba, reference, self.geometry), reference.det_tau_op)
+        frame = label_free_images(images, det_proba, reference, self.geometry)
+        # an image without a reported detection reports nothing that could be wrong: accepted whatever the
+        # threshold (det_tau_op is -inf when the reference reported nothing)
+        frame = assign_unlabelled(frame, np.where(frame["n_pred"] > 0, reference.det_tau_op, np.inf))
         if logged_at is not None:
             frame["logged_at"] = pd.to_datetime(logged_at).tz_localize("UTC")
         frame.insert(0, "n_epoch", epoch)
