@@ -203,3 +203,22 @@ def test_3d_frames_without_ground_truth_get_the_label_free_signals_of_the_labell
     pd.testing.assert_frame_equal(units[LABEL_FREE], labelled[LABEL_FREE], check_dtype=False)
     metrics = result.metrics_summary().set_index("dataset")
     assert metrics.loc["operation", "n_frames"] == 60
+
+
+def test_a_dataset_with_some_images_without_ground_truth_is_split_between_the_two_tables(store_dir):
+    rng = np.random.default_rng(5)
+    train, pool = random_scene(rng, 120), random_scene(rng, 70)
+    keys = list(pool)
+    with _tracer(store_dir, num_classes=4) as tracer:
+        _trace(tracer, train, "train")
+        _trace(tracer, {k: pool[k] for k in keys[:30]}, "pool")
+        _trace(tracer, {k: pool[k] for k in keys[30:]}, "pool", at=START)
+        tracer.wait_for_save()
+    result = Evaluator("det", "v1", store=store_dir).request_evaluation()
+    assert result.metrics_summary().set_index("dataset").loc["pool", "n_images"] == 30
+    images = result.images()
+    assert set(images.loc[images["dataset_type"] == "pool", "input_id"]) == set(keys[:30])
+    units = result.unlabelled()
+    assert set(units["input_id"]) == set(keys[30:]) and (units["logged_at"] == START).all()
+    with pytest.warns(UserWarning, match="exceeds the 40 units"):  # the pool is the images without ground truth
+        assert set(result.select(50, "error_proba")["input_id"]) == set(keys[30:])

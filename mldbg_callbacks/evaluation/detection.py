@@ -37,12 +37,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..core.vectors import decode_vectors
+from ..errors import NoReferenceError
 from .classification import _binary_scores
 from .coco import Boxes, coco_evaluate, match_detections
 from .dynamics import training_dynamics
 from .error_proba import ErrorProbaEstimator, operating_threshold
-from ..core.vectors import decode_vectors
-from ..errors import NoReferenceError
 from .issues import CATEGORIES, WEAK_LOC_IOU, assign_detection, assign_unlabelled
 from .neighbors import NeighborIndex, hotspot_regions, neighbor_signals
 from .pipeline import category_summary
@@ -70,6 +70,7 @@ class Images:
     det_velocity: np.ndarray | None = None  # 3D: (N, 2), NaN where unknown
     gt_velocity: np.ndarray | None = None
     features: np.ndarray | None = None  # (n_images, D) image-level embedding, when traced
+    logged_at: np.ndarray | None = None  # datetime64[us] (UTC) of images traced with a time
 
     @property
     def n_images(self) -> int:
@@ -117,6 +118,8 @@ def load_images(table: pa.Table, box_width: int = 4) -> tuple[Images, int]:
         det_velocity=_velocities(table, "pred_velocities", len(det_image)),
         gt_velocity=_velocities(table, "gt_velocities", len(gt_image)),
         features=_image_features(table),
+        logged_at=(table.column("logged_at").cast(pa.timestamp("us")).to_numpy()
+                   if "logged_at" in table.column_names else None),
     )
     return images, duplicates
 
@@ -476,7 +479,7 @@ def evaluate_detection(read: ReadTraces, meta: dict, epochs: dict[str, list[int]
             out, reference = run.evaluate(dataset_type, epoch)
             for key, table in out.items():
                 parts[key].append(table)
-        unlabelled = run.unlabelled_images(dataset_type, epoch)[0]
+        unlabelled = run.unlabelled_images(dataset_type, epoch)
         if unlabelled.n_images:
             frame, reference = run.evaluate_unlabelled(dataset_type, epoch)
             parts["unlabelled"].append(frame)
@@ -499,7 +502,7 @@ class _Run:
         self.read, self.committed, self.risk, self.geometry = read, committed, risk, geometry
         self.notes: list[str] = []
         self._images: dict[tuple[str, int], Images] = {}
-        self._unlabelled: dict[tuple[str, int], tuple[Images, np.ndarray | None]] = {}
+        self._unlabelled: dict[tuple[str, int], Images] = {}
         self._matches: dict[tuple[str, int], EpochMatch] = {}
         self._references: dict[tuple[str, int], Reference] = {}
         self._outcomes: dict[tuple[str, int, float], Outcomes] = {}
@@ -513,16 +516,9 @@ class _Run:
         if key not in self._images:
             table = self.read(dataset_type, epoch, True)
             # images traced without ground truth (null gt_boxes: not "no objects") go to the label-free path
-            without_gt = table.filter(pc.is_null(table.column("gt_boxes")))
             images = self._load(table.filter(pc.is_valid(table.column("gt_boxes"))), dataset_type, epoch)
-            unlabelled = self._load(without_gt, dataset_type, epoch)
-            logged_at = (without_gt.column("logged_at").cast(pa.timestamp("us")).to_numpy()
-                         if "logged_at" in without_gt.column_names else None)
-            if logged_at is not None and len(logged_at) != unlabelled.n_images:  # duplicates were removed
-                logged_at = (pd.Series(logged_at, index=without_gt.column("input_id").to_pylist())
-                             .groupby(level=0).first().reindex(unlabelled.input_id).to_numpy())
+            self._unlabelled[key] = self._load(table.filter(pc.is_null(table.column("gt_boxes"))), dataset_type, epoch)
             self._images[key] = images
-            self._unlabelled[key] = (unlabelled, logged_at)
             self._matches[key] = self.geometry.match(images)
         return self._images[key]
 
@@ -532,8 +528,8 @@ class _Run:
             self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate input id(s) across ranks removed")
         return images
 
-    def unlabelled_images(self, dataset_type: str, epoch: int) -> tuple[Images, np.ndarray | None]:
-        """The images of a dataset and epoch traced without ground truth, and their ``logged_at`` (UTC)."""
+    def unlabelled_images(self, dataset_type: str, epoch: int) -> Images:
+        """The images of a dataset and epoch traced without ground truth."""
         self.images(dataset_type, epoch)
         return self._unlabelled[(dataset_type, epoch)]
 
@@ -662,7 +658,7 @@ class _Run:
     def evaluate_unlabelled(self, dataset_type: str, epoch: int) -> tuple[pd.DataFrame, Reference]:
         """The label-free image table of the images of a dataset and epoch traced without ground truth,
         against a labelled reference set (NoReferenceError when there is none)."""
-        images, logged_at = self.unlabelled_images(dataset_type, epoch)
+        images = self.unlabelled_images(dataset_type, epoch)
         ref_key = self.reference_key(dataset_type, epoch)
         if ref_key == (dataset_type, epoch) and not self.images(dataset_type, epoch).n_images:
             raise NoReferenceError(
@@ -676,8 +672,8 @@ class _Run:
         # an image without a reported detection reports nothing that could be wrong: accepted whatever the
         # threshold (det_tau_op is -inf when the reference reported nothing)
         frame = assign_unlabelled(frame, np.where(frame["n_pred"] > 0, reference.det_tau_op, np.inf))
-        if logged_at is not None:
-            frame["logged_at"] = pd.to_datetime(logged_at).tz_localize("UTC")
+        if images.logged_at is not None:
+            frame["logged_at"] = pd.to_datetime(images.logged_at).tz_localize("UTC")
         frame.insert(0, "n_epoch", epoch)
         frame.insert(0, "dataset_type", dataset_type)
         return frame, reference
