@@ -361,8 +361,10 @@ class DetectionTracer(_Tracer):
 
     def record(self, detections: Any, targets: Any, *, input_ids: Any = None, dataset_type: str = "train",
                n_epoch: int | None = None, image_sizes: Any = None, features: Any = None,
-               inputs: Any = None) -> None:
-        """Trace detections computed elsewhere (per-image dicts or a dict of lists, xyxy pixels)."""
+               inputs: Any = None, logged_at: Any = None) -> None:
+        """Trace detections computed elsewhere (per-image dicts or a dict of lists, xyxy pixels).
+        ``logged_at``: when they were made (as for classification's ``record``), by default now for
+        ``targets=None``."""
         try:
             detections = detections_per_image(detections, image_sizes)
         except TraceInputError:
@@ -371,7 +373,7 @@ class DetectionTracer(_Tracer):
             self.core.skip("undecodable_output", _count(detections), "detections in an unknown format")
             return
         self.core.record(detections, targets, input_ids=input_ids, dataset_type=dataset_type, n_epoch=n_epoch,
-                         features=features, inputs=inputs)
+                         features=features, inputs=inputs, logged_at=logged_at)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model_name={self.model_name!r}, version_name={self.version_name!r}, "

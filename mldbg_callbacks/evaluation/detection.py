@@ -15,6 +15,13 @@ Order of work for one evaluated (dataset_type, epoch):
    units with their TIDE type at the operating threshold, slices (class x COCO size), training
    dynamics of each object across the saved epochs, categories and error codes (``issues.py``).
 
+Images traced without ground truth (``targets=None``: operation logs, an unlabelled pool) are evaluated
+apart, into the ``unlabelled`` table, one row per image (the unit that is selected and labelled), with
+what needs no ground truth: each detection's P(false positive) from the reference's estimator, the
+image accepted when every reported detection is below the reference's detection threshold, the
+reference's class x size (3D: distance) slices and their hotspots (``label_free_images``). The same
+columns are added to the ``images`` table of labelled datasets: they are the monitoring baseline.
+
 Ground-truth objects are identified across epochs by (image id, position in the image's GT list):
 the data pipeline must give an image's objects in the same order every epoch (every common loader does).
 """
@@ -30,12 +37,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..core.vectors import decode_vectors
+from ..errors import NoReferenceError
 from .classification import _binary_scores
 from .coco import Boxes, coco_evaluate, match_detections
 from .dynamics import training_dynamics
 from .error_proba import ErrorProbaEstimator, operating_threshold
-from .issues import CATEGORIES, WEAK_LOC_IOU, assign_detection
-from .neighbors import hotspot_regions
+from .issues import CATEGORIES, WEAK_LOC_IOU, assign_detection, assign_unlabelled
+from .neighbors import NeighborIndex, hotspot_regions, neighbor_signals
 from .pipeline import category_summary
 from .selection import reference_key
 from .tide import tide_errors
@@ -60,6 +69,8 @@ class Images:
     gt_position: np.ndarray  # index of each GT object within its image's list
     det_velocity: np.ndarray | None = None  # 3D: (N, 2), NaN where unknown
     gt_velocity: np.ndarray | None = None
+    features: np.ndarray | None = None  # (n_images, D) image-level embedding, when traced
+    logged_at: np.ndarray | None = None  # datetime64[us] (UTC) of images traced with a time
 
     @property
     def n_images(self) -> int:
@@ -106,8 +117,21 @@ def load_images(table: pa.Table, box_width: int = 4) -> tuple[Images, int]:
         gt_position=np.arange(len(gt_image)) - np.repeat(gt_starts, gt_counts),
         det_velocity=_velocities(table, "pred_velocities", len(det_image)),
         gt_velocity=_velocities(table, "gt_velocities", len(gt_image)),
+        features=_image_features(table),
+        logged_at=(table.column("logged_at").cast(pa.timestamp("us")).to_numpy()
+                   if "logged_at" in table.column_names else None),
     )
     return images, duplicates
+
+
+def _image_features(table: pa.Table) -> np.ndarray | None:
+    """The image-level embedding, if traced in one width (parts of different widths: not used)."""
+    if "features" not in table.column_names:
+        return None
+    try:
+        return decode_vectors(table, "features").astype(np.float32)
+    except ValueError:
+        return None
 
 
 def _velocities(table: pa.Table, name: str, n: int) -> np.ndarray | None:
@@ -279,6 +303,76 @@ class Reference:
     gt_scores: np.ndarray
     tau_op: float
     tau_stable: float
+    det_tau_op: float  # on the reported detections' P(false positive): accepted below it, at the risk
+    slice_error_rate: pd.Series  # per slice of the reference's reported detections: their false-positive rate
+    hotspot_slices: np.ndarray
+    image_index: NeighborIndex | None = None  # the reference images' features (when traced): density
+    image_mean_distance: np.ndarray | None = None  # their own sorted mean neighbour distances
+
+    def density(self, images: Images, is_reference: bool = False) -> np.ndarray:
+        """Percentile of each image's mean cosine distance to its 10 nearest reference images among the
+        reference images' own (100: sparser than every one of them); NaN without comparable features."""
+        if (self.image_index is None or images.features is None
+                or images.features.shape[1] != self.image_index.base.shape[1]):
+            return np.full(images.n_images, np.nan)
+        neighbors, distances = self.image_index.query(images.features,
+                                                      input_id=images.input_id if is_reference else None)
+        pred = np.zeros(images.n_images, dtype=np.int64)
+        return neighbor_signals(self.image_index, neighbors, distances, pred, pred,
+                                self.image_mean_distance)["density"]
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of a detection score read as the probability that the object is there."""
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return -(p * np.log(p) + (1 - p) * np.log(1 - p))
+
+
+def label_free_images(images: Images, det_proba: np.ndarray, reference: Reference,
+                      geometry: "Geometry2D", is_reference: bool = False) -> pd.DataFrame:
+    """One row per image of what needs no ground truth (docs/operation.md, "Detection"):
+
+    - ``n_pred``: detections reported (score >= the reference's ``score_op``); ``pred``: the class of the
+      highest-scoring one (-1: none); ``max_score``: the highest score of any detection (0: none);
+    - ``error_proba``: the largest P(false positive) of a reported detection (0: none), ``expected_errors``:
+      their sum (the expected number of false positives); misses cannot be estimated without ground truth;
+    - ``entropy``: the largest binary entropy of a detection score; ``top2_gap``: the smallest distance of a
+      detection score to ``score_op`` (NaN: no detection) — uncertainty at the operating point;
+    - ``region``: the slice (class:size, 3D class:distance band) of the most doubtful reported detection,
+      ``region_error_rate`` its false-positive rate on the reference, ``in_hotspot_region``: a reported
+      detection is in a hotspot slice of the reference; ``density``: ``Reference.density`` of the image-level
+      features (NaN when not traced).
+    """
+    dets, n = images.dets, images.n_images
+    reported = np.flatnonzero(dets.score >= reference.score_op)
+    image, proba = dets.image[reported], det_proba[reported]
+    slices = _slice_keys(dets.label[reported], geometry.slices(dets.box[reported]))
+    # per image: the top-scoring reported detection, and the most doubtful one
+    top = reported[np.lexsort((-dets.score[reported], image))]
+    top_first = np.r_[True, dets.image[top][1:] != dets.image[top][:-1]] if len(top) else np.zeros(0, bool)
+    pred = np.full(n, -1, dtype=np.int64)
+    pred[dets.image[top[top_first]]] = dets.label[top[top_first]]
+    doubtful = np.lexsort((-proba, image))
+    doubt_first = np.r_[True, image[doubtful][1:] != image[doubtful][:-1]] if len(doubtful) else np.zeros(0, bool)
+    region = np.full(n, "", dtype=object)
+    region[image[doubtful[doubt_first]]] = slices[doubtful[doubt_first]]
+    hot = np.zeros(n, dtype=bool)
+    hot[image[np.isin(slices, reference.hotspot_slices)]] = True
+    gap = np.full(n, np.inf)
+    np.minimum.at(gap, dets.image, np.abs(dets.score - reference.score_op))
+    gap[np.isinf(gap)] = np.nan  # no detection (NaN, not inf: result tables also travel as JSON)
+    return pd.DataFrame({
+        "input_id": images.input_id, "n_pred": np.bincount(image, minlength=n), "pred": pred,
+        "max_score": _group_max(dets.score, dets.image, n),
+        "entropy": _group_max(binary_entropy(dets.score), dets.image, n), "top2_gap": gap,
+        "error_proba": _group_max(proba, image, n), "expected_errors": np.bincount(image, weights=proba, minlength=n),
+        "region": region, "region_error_rate": reference.slice_error_rate.reindex(region).to_numpy(dtype=float),
+        "in_hotspot_region": hot, "density": reference.density(images, is_reference),
+    })
+
+
+def _slice_keys(label: np.ndarray, slices: np.ndarray) -> np.ndarray:
+    return (pd.Series(label).astype(str) + ":" + pd.Series(slices, dtype=object)).to_numpy(dtype=object)
 
 
 class Geometry2D:
@@ -290,6 +384,7 @@ class Geometry2D:
     box_width = 4
     metric_columns = METRIC_COLUMNS
     quality_name = "iou"  # per-unit column: IoU of an object with its matched / explaining detection
+    count_name = "n_images"  # metrics column: how many images (3D: frames)
     slice_name = "size"
     codes_prefix = "OD"
 
@@ -362,6 +457,7 @@ class DetectionEvaluation:
     thresholds: list[dict]
     notes: list[str]
     tide: pd.DataFrame | None = None  # 2D only
+    unlabelled: pd.DataFrame | None = None  # one row per image traced without ground truth
 
 
 def evaluate_detection(read: ReadTraces, meta: dict, epochs: dict[str, list[int]],
@@ -378,18 +474,27 @@ def evaluate_detection(read: ReadTraces, meta: dict, epochs: dict[str, list[int]
     for done, (dataset_type, epoch) in enumerate(jobs):
         if progress:
             progress(f"{dataset_type} epoch {epoch}", done, len(jobs))
-        if not run.images(dataset_type, epoch).n_images:  # every image was traced without ground truth
-            continue
-        out, reference = run.evaluate(dataset_type, epoch)
-        for key, table in out.items():
-            parts[key].append(table)
+        labelled = run.images(dataset_type, epoch).n_images > 0
+        if labelled:
+            out, reference = run.evaluate(dataset_type, epoch)
+            for key, table in out.items():
+                parts[key].append(table)
+        unlabelled = run.unlabelled_images(dataset_type, epoch)
+        if unlabelled.n_images:
+            frame, reference = run.evaluate_unlabelled(dataset_type, epoch)
+            parts["unlabelled"].append(frame)
+            if not labelled:  # counts only: the metrics need ground truth
+                parts["metrics"].append(pd.DataFrame([{
+                    "dataset": dataset_type, "n_epoch": epoch, "counts": len(frame),
+                    run.geometry.count_name: len(frame), "n_pred": len(unlabelled.dets.score),
+                    "score_op": reference.score_op}]))
         thresholds.append({"dataset": dataset_type, "n_epoch": epoch, "reference": reference.name,
                            "score_op": reference.score_op, "tau_op": reference.tau_op,
-                           "tau_stable": reference.tau_stable, "risk": risk})
+                           "tau_stable": reference.tau_stable, "det_tau_op": reference.det_tau_op, "risk": risk})
     tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
     return DetectionEvaluation(tables["samples"], tables["metrics"], category_summary(tables["samples"]),
                                tables["history"], tables["per_class"], tables["images"], thresholds, run.notes,
-                               tide=tables.get("tide"))
+                               tide=tables.get("tide"), unlabelled=tables.get("unlabelled"))
 
 
 class _Run:
@@ -397,6 +502,7 @@ class _Run:
         self.read, self.committed, self.risk, self.geometry = read, committed, risk, geometry
         self.notes: list[str] = []
         self._images: dict[tuple[str, int], Images] = {}
+        self._unlabelled: dict[tuple[str, int], Images] = {}
         self._matches: dict[tuple[str, int], EpochMatch] = {}
         self._references: dict[tuple[str, int], Reference] = {}
         self._outcomes: dict[tuple[str, int, float], Outcomes] = {}
@@ -408,18 +514,24 @@ class _Run:
     def images(self, dataset_type: str, epoch: int) -> Images:
         key = (dataset_type, epoch)
         if key not in self._images:
-            table = self.read(dataset_type, epoch, False)
-            without_gt = table.column("gt_boxes").null_count
-            if without_gt:  # operation logs: label-free detection evaluation is not available yet
-                self.note(f"{dataset_type} epoch {epoch}: {without_gt} image(s) traced without ground truth are not "
-                          "evaluated (label-free evaluation covers classification only so far)")
-                table = table.filter(pc.is_valid(table.column("gt_boxes")))
-            images, duplicates = load_images(table, self.geometry.box_width)
-            if duplicates:
-                self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate input id(s) across ranks removed")
+            table = self.read(dataset_type, epoch, True)
+            # images traced without ground truth (null gt_boxes: not "no objects") go to the label-free path
+            images = self._load(table.filter(pc.is_valid(table.column("gt_boxes"))), dataset_type, epoch)
+            self._unlabelled[key] = self._load(table.filter(pc.is_null(table.column("gt_boxes"))), dataset_type, epoch)
             self._images[key] = images
             self._matches[key] = self.geometry.match(images)
         return self._images[key]
+
+    def _load(self, table: pa.Table, dataset_type: str, epoch: int) -> Images:
+        images, duplicates = load_images(table, self.geometry.box_width)
+        if duplicates:
+            self.note(f"{dataset_type} epoch {epoch}: {duplicates} duplicate input id(s) across ranks removed")
+        return images
+
+    def unlabelled_images(self, dataset_type: str, epoch: int) -> Images:
+        """The images of a dataset and epoch traced without ground truth."""
+        self.images(dataset_type, epoch)
+        return self._unlabelled[(dataset_type, epoch)]
 
     def match(self, dataset_type: str, epoch: int) -> EpochMatch:
         self.images(dataset_type, epoch)
@@ -441,9 +553,23 @@ class _Run:
         for estimator, what in ((det_estimator, "detections"), (gt_estimator, "objects")):
             if estimator.note:
                 self.note(f"{key[0]}@{key[1]} ({what}): {estimator.note}")
+        reported = images.dets.score >= score_op
+        false_positive = match.det_gt[reported] < 0
+        slices = _slice_keys(images.dets.label[reported], self.geometry.slices(images.dets.box[reported]))
+        rate, hot = hotspot_regions(slices, false_positive)
         reference = Reference(f"{key[0]}@{key[1]}", score_op, det_estimator, gt_estimator, det_scores, gt_scores,
                               operating_threshold(gt_scores, gt_missed, self.risk),
-                              operating_threshold(gt_scores, gt_missed, self.risk / 5))
+                              operating_threshold(gt_scores, gt_missed, self.risk / 5),
+                              operating_threshold(det_scores[reported], false_positive, self.risk),
+                              pd.Series(rate, index=slices).groupby(level=0).first(), np.unique(slices[hot]))
+        if images.features is not None:
+            wrong_image = np.zeros(images.n_images, dtype=bool)
+            wrong_image[images.dets.image[reported][false_positive]] = True
+            index = NeighborIndex.build(images.features, images.input_id, np.zeros(images.n_images, np.int64),
+                                        wrong_image)
+            neighbors, distances = index.query(images.features, input_id=images.input_id)
+            reference.image_index = index
+            reference.image_mean_distance = np.sort(distances.mean(axis=1).astype(np.float64))
         self._references[key] = reference
         return reference
 
@@ -517,12 +643,40 @@ class _Run:
             "error_proba_auroc": ep_auroc, "error_proba_auprc": ep_auprc,
             "baseline_error_proba_auroc": base_auroc, "baseline_error_proba_auprc": base_auprc,
         }
+        label_free = label_free_images(images, det_proba, reference, self.geometry,
+                                       is_reference=ref_key == (dataset_type, epoch))
+        label_free = label_free.drop(columns=["input_id", "n_pred"])  # the image view has both
         tables = {"samples": samples, "metrics": pd.DataFrame([metrics]), "per_class": per_class,
-                  "images": _image_view(samples, images, accepted), "history": history, **extra}
+                  "images": pd.concat([_image_view(samples, images, accepted), label_free], axis=1),
+                  "history": history, **extra}
         for name in ("per_class", "images", *extra):
             tables[name].insert(0, "n_epoch", epoch)
             tables[name].insert(0, "dataset" if name != "images" else "dataset_type", dataset_type)
         return tables, reference
+
+
+    def evaluate_unlabelled(self, dataset_type: str, epoch: int) -> tuple[pd.DataFrame, Reference]:
+        """The label-free image table of the images of a dataset and epoch traced without ground truth,
+        against a labelled reference set (NoReferenceError when there is none)."""
+        images = self.unlabelled_images(dataset_type, epoch)
+        ref_key = self.reference_key(dataset_type, epoch)
+        if ref_key == (dataset_type, epoch) and not self.images(dataset_type, epoch).n_images:
+            raise NoReferenceError(
+                f"{dataset_type} epoch {epoch} was traced without ground truth and has no labelled train traces to be "
+                "compared with: the operating score, P(false positive) and the hotspot slices are learnt on labelled "
+                "data. Trace the training data (with targets, dataset_type='train') under the same "
+                "model_name/version_name, then evaluate again")
+        reference = self.reference(ref_key)
+        det_proba = reference.det_estimator.predict(detection_signals(images, self.geometry))
+        frame = label_free_images(images, det_proba, reference, self.geometry)
+        # an image without a reported detection reports nothing that could be wrong: accepted whatever the
+        # threshold (det_tau_op is -inf when the reference reported nothing)
+        frame = assign_unlabelled(frame, np.where(frame["n_pred"] > 0, reference.det_tau_op, np.inf))
+        if images.logged_at is not None:
+            frame["logged_at"] = pd.to_datetime(images.logged_at).tz_localize("UTC")
+        frame.insert(0, "n_epoch", epoch)
+        frame.insert(0, "dataset_type", dataset_type)
+        return frame, reference
 
 
 def _subset(boxes: Boxes, mask: np.ndarray) -> Boxes:

@@ -66,6 +66,7 @@ class Geometry3D(Geometry2D):
     box_width = 7
     metric_columns = METRIC_COLUMNS
     quality_name = "center_distance"
+    count_name = "n_frames"
     slice_name = "distance_band"
     codes_prefix = "OD3D"
 

@@ -105,9 +105,9 @@ UNLABELLED_CODES = {c.code: c for c in [
 ]}
 
 
-def assign_unlabelled(samples: pd.DataFrame, tau_op: float) -> pd.DataFrame:
+def assign_unlabelled(samples: pd.DataFrame, tau_op: "float | np.ndarray") -> pd.DataFrame:
     """Add ``accepted``, ``out_of_distribution`` and ``error_code`` (UNLABELLED_CODES, first match wins) to
-    the label-free per-unit table of rows traced without labels."""
+    the label-free per-unit table of rows traced without labels (``tau_op``: one threshold, or one per row)."""
     accepted = samples["error_proba"].to_numpy(dtype=float) < tau_op
     far = samples["density"].to_numpy(dtype=float) >= OOD_DENSITY
     hot = samples["in_hotspot_region"].to_numpy(dtype=bool)

@@ -201,7 +201,9 @@ class Result:
         """One row per unit traced without labels (operation logs, unlabelled pools): its label-free
         signals (pred, msp, entropy, top2_gap, neighbour signals, density, error_proba, region,
         in_hotspot_region), ``accepted`` at tau_op, ``out_of_distribution``, ``error_code`` (OP_*) and
-        ``logged_at`` (UTC). Empty when every unit had a label."""
+        ``logged_at`` (UTC). Detection: one row per image traced without ground truth (n_pred, pred,
+        max_score, entropy, top2_gap, error_proba, expected_errors, slices as regions, density with
+        features; docs/operation.md). Empty when every unit had a label."""
         frame = self._tables.get("unlabelled")
         return pd.DataFrame() if frame is None else frame.copy()
 
@@ -231,7 +233,7 @@ class Result:
         dataset of this result; default a labelled one other than the reference set (e.g. ``val``), else
         the reference set.
         """
-        from .monitoring import window_summary
+        from .monitoring import DETECTION_KS_SIGNALS, KS_SIGNALS, window_summary
 
         dataset = self._unlabelled_dataset(dataset_type)
         units = self.unlabelled()
@@ -240,7 +242,8 @@ class Result:
         if "logged_at" not in units or units["logged_at"].isna().all():
             raise ValueError(f"{dataset} has no logged_at times (traced by an older version); windows need them")
         reference = self._reference_of(dataset, int(units["n_epoch"].iloc[0]))
-        samples = self._tables["samples"]
+        # the baseline's label-free signals: per unit (classification), per image (detection's images table)
+        samples = self._tables["samples" if self.task == "classification" else "images"]
         if baseline is None:
             others = sorted(set(samples["dataset_type"]) - {reference[0]})
             baseline = others[0] if others else reference[0]
@@ -254,7 +257,8 @@ class Result:
             raise ValueError(f"baseline {baseline!r} is not a labelled dataset of this result; choose from "
                              f"{sorted(set(samples['dataset_type']))}")
         rows = rows[rows["n_epoch"] == (reference[1] if baseline == reference[0] else rows["n_epoch"].max())]
-        summary = window_summary(units.dropna(subset=["logged_at"]), rows, window)
+        summary = window_summary(units.dropna(subset=["logged_at"]), rows, window,
+                                 KS_SIGNALS if self.task == "classification" else DETECTION_KS_SIGNALS)
         summary.insert(0, "dataset", dataset)
         summary.insert(1, "baseline", f"{baseline}@{int(rows['n_epoch'].iloc[0])}")
         return summary
@@ -271,9 +275,13 @@ class Result:
         ids there, one per line (``.csv``: the whole table). ``features``: the pool's features, rows in
         the pool's order (``diversity``; by default read from the store the result came from).
         """
+        from ..errors import SelectionError
         from .data_filtering import FEATURE_STRATEGIES, check_request, select_units
 
         check_request(budget, strategy)
+        if strategy == "review_labels" and self.task != "classification":
+            raise SelectionError("strategy 'review_labels' is for classification; for detection annotation problems "
+                                 "(missing or duplicated boxes) see get_issues(): OD_MISSING_LABEL, OD_DUPLICATE_GT")
         pool = self._pool(dataset_type)
         labelled_features = None
         if strategy in FEATURE_STRATEGIES and features is None:
@@ -313,7 +321,8 @@ class Result:
     def _pool(self, dataset_type: str | None) -> pd.DataFrame:
         units = self.unlabelled()
         unlabelled = sorted(set(units["dataset_type"])) if len(units) else []
-        samples = self._tables["samples"]
+        # detection selects images: a labelled detection pool is its images table (label-free columns)
+        samples = self._tables["samples" if self.task == "classification" else "images"]
         if dataset_type is None:
             dataset_type = self._unlabelled_dataset(None) if len(unlabelled) == 1 else "train"
         if dataset_type in unlabelled:
@@ -345,11 +354,11 @@ class Result:
                     f"strategy 'diversity' needs penultimate features and {name} epoch {n_epoch} was traced without "
                     "them: trace with feature_layer=None (the default: the input of the last Linear/Dense layer) or "
                     "pass features=. The strategies error_proba, entropy, margin, hotspot and random need none")
-            frame = pd.DataFrame({"input_id": table.column("input_id").to_pylist(),
-                                  "label": table.column("label").to_pylist()})
+            frame = pd.DataFrame({"input_id": table.column("input_id").to_pylist()})
+            labelled = table.column("label" if "label" in table.column_names else "gt_boxes").is_valid()
             matrix = decode_vectors(table, "features").astype(np.float32)
             if ids is None:  # the labelled rows of the reference set
-                return matrix[frame["label"].notna().to_numpy()]
+                return matrix[labelled.to_numpy(zero_copy_only=False)]
             position = pd.Index(frame["input_id"]).drop_duplicates().get_indexer(ids)
             first = ~frame["input_id"].duplicated().to_numpy()
             return matrix[first][position]
