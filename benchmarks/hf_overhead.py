@@ -47,7 +47,7 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 import mldbg_callbacks  # noqa: E402
 from mldbg_callbacks.integrations.transformers import MLDebuggerCallback  # noqa: E402
-from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
+from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
 
 
 def log(message: str) -> None:
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "median_s": {"plain": round(plain, 4), "traced": round(traced, 4)},
         "ratio": round(traced / plain, 4),
         "ratio_without_train_end": round(traced_without_end / plain, 4),
+        "robust": ratio_stats([r["seconds"] for r in runs["plain"]], [r["seconds"] for r in runs["traced"]]),
         "train_end_s": round(train_end, 4),
         "quiet_runs_only": {"threshold_cores": options.quiet_cores, "plain_runs": len(quiet["plain"]),
                             "traced_runs": len(quiet["traced"]),

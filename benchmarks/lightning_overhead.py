@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning.pytorch as pl
 from mldbg_callbacks.integrations.lightning import MLDebuggerCallback
-from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
+from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
 
 BATCH, IN_DIM, HIDDEN, CLASSES = 256, 256, 512, 100
 MODEL = "mlp"  # set from --model
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             "plain_fit_s": {"median": median_plain, "all": plain},
             "traced_fit_s": {"median": median_traced, "all": traced},
             "ratio_median_fit": median_traced / median_plain,
+            "robust_fit": ratio_stats(plain, traced),
             "adapter_only_fit_s": {"median": statistics.median(adapter), "all": adapter},
             "ratio_median_fit_adapter_only": statistics.median(adapter) / median_plain,
             "target_ratio": 1.05,

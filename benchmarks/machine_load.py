@@ -36,3 +36,22 @@ def wait_quiet(max_s: float, threshold: float = 0.15) -> float | None:
         if load is None or load < threshold or time.perf_counter() > deadline:
             return load
         print(f"[benchmark] other processes use {load:.2f} cores; waiting for a quiet machine", file=sys.stderr)
+
+
+def ratio_stats(plain: list[float], traced: list[float], seed: int = 0) -> dict:
+    """Traced/plain time ratios that hold up on a machine whose speed drifts between runs.
+
+    Runs are taken in ABBA order, so ``plain[i]`` and ``traced[i]`` ran next to each other; the median of
+    these paired ratios is less sensitive to drift than a ratio of medians. Also: the ratio of the fastest
+    runs (noise only ever adds time), a bootstrap 95% interval of the paired median, and the run-to-run
+    spread of the plain runs (coefficient of variation), which says what a ratio can resolve.
+    """
+    import numpy as np
+
+    pairs = np.asarray(traced[:len(plain)], dtype=float) / np.asarray(plain[:len(traced)], dtype=float)
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(pairs, size=(2000, len(pairs)), replace=True), axis=1)
+    return {"paired_median_ratio": round(float(np.median(pairs)), 4),
+            "paired_ratio_95ci": [round(float(np.percentile(boot, 2.5)), 4), round(float(np.percentile(boot, 97.5)), 4)],
+            "min_ratio": round(min(traced) / min(plain), 4),
+            "plain_cv": round(float(np.std(plain) / np.mean(plain)), 4), "pairs": len(pairs)}

@@ -44,7 +44,7 @@ import mldbg_callbacks
 from mldbg_callbacks.core.batch import PendingBatch
 from mldbg_callbacks.store import local as local_store
 from mldbg_callbacks.training import ClassificationTracer
-from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
+from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
 
 BATCH = 256
 QUIET = 0.1  # an epoch counts as undisturbed when other processes used fewer cores than this
@@ -191,6 +191,7 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
         "median_wait_for_save_s": median(waits),
         "median_traced_epoch_incl_wait_s": mw,
         "ratio_traced_over_plain": mt / mp,
+        "robust": ratio_stats(plain, traced),
         "ratio_traced_incl_wait_over_plain": mw / mp,
         "min_ratio_traced_over_plain": min(traced) / min(plain),
         "plain_samples_per_s": s.n / mp, "traced_samples_per_s": s.n / mt,

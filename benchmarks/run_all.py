@@ -40,9 +40,32 @@ class Bench:
     env: dict = field(default_factory=dict)
 
 
-def row(area: str, what: str, measured: str, goal: str = "", met: bool | None = None) -> dict:
+def row(area: str, what: str, measured: str, goal: str = "", met: bool | str | None = None) -> dict:
     return {"area": area, "what": what, "measured": measured, "goal": goal,
-            "met": "" if met is None else ("yes" if met else "no")}
+            "met": "" if met is None else met if isinstance(met, str) else ("yes" if met else "no")}
+
+
+def robust_text(stats: dict | None) -> str:
+    """The noise-robust view of an overhead ratio (``machine_load.ratio_stats``), for the table."""
+    if not stats:
+        return ""
+    low, high = stats["paired_ratio_95ci"]
+    return (f"; paired runs: median {stats['paired_median_ratio']:.3f} (95% CI {low:.3f}-{high:.3f}, "
+            f"{stats['pairs']} pairs), fastest runs {stats['min_ratio']:.3f}; run-to-run spread of plain runs "
+            f"{100 * stats['plain_cv']:.0f}%")
+
+
+def overhead_met(stats: dict | None, ratio: float, goal: float = 1.03) -> bool | str:
+    """Met when the paired ratio's 95% interval lies at or below the goal, missed when it lies above it;
+    an interval across the goal is reported as such (the machine's noise cannot decide)."""
+    if not stats:
+        return ratio <= goal
+    low, high = stats["paired_ratio_95ci"]
+    if high <= goal:
+        return True
+    if low > goal:
+        return False
+    return "within noise" if stats["paired_median_ratio"] <= goal else "no (within noise)"
 
 
 def growth_exponent(sizes: list[float], seconds: list[float]) -> float | None:
@@ -65,8 +88,10 @@ def overhead_rows(outs: list[dict]) -> list[dict]:
     model = outs[0]["setup"]["model"]
     rows = [row("training overhead", f"ClassificationTracer, {model}, 512-d features",
                 "traced/plain " + " / ".join(f"{r:.3f}" for r in ratios)
-                + f" at {' / '.join(f'{s:,}' for s in sizes)} samples per epoch",
-                "<= 1.03" if "Conv" in model else "worst case: no goal", max(ratios) <= 1.03 if "Conv" in model else None)]
+                + f" at {' / '.join(f'{s:,}' for s in sizes)} samples per epoch"
+                + (robust_text(outs[-1]["training"].get("robust")) if "Conv" in model else ""),
+                "<= 1.03" if "Conv" in model else "worst case: no goal",
+                overhead_met(outs[-1]["training"].get("robust"), max(ratios)) if "Conv" in model else None)]
     last = outs[-1]
     if "analysis" in last:
         rows[0]["measured"] += (f"; CPU-bound floor {last['analysis']['cpu_bound_ratio_floor']:.2f} "
@@ -85,15 +110,18 @@ def lightning_rows(outs: list[dict]) -> list[dict]:
     cnn = "Conv" in o["setup"]["model"]
     return [row("training overhead", f"Lightning MLDebuggerCallback, {o['setup']['model']}",
                 f"traced/plain fit {o['ratio_median_fit']:.3f} (callback alone, no writing: "
-                f"{o['ratio_median_fit_adapter_only']:.3f}); process CPU {o['process_cpu_s']['ratio_traced']:.3f}",
-                "<= 1.03" if cnn else "worst case: no goal", o["ratio_median_fit"] <= 1.03 if cnn else None)]
+                f"{o['ratio_median_fit_adapter_only']:.3f}); process CPU {o['process_cpu_s']['ratio_traced']:.3f}"
+                + robust_text(o.get("robust_fit")),
+                "<= 1.03" if cnn else "worst case: no goal",
+                overhead_met(o.get("robust_fit"), o["ratio_median_fit"]) if cnn else None)]
 
 
 def hf_rows(outs: list[dict]) -> list[dict]:
     o = outs[0]
     return [row("training overhead", f"Hugging Face Trainer callback, {o['workload']['model']}",
                 f"traced/plain {o['ratio']:.3f} ({o['ratio_without_train_end']:.3f} without the end-of-run flush); "
-                f"extra forward passes: {'none' if o['no_extra_forward'] else 'YES'}", "<= 1.03", o["ratio"] <= 1.03)]
+                f"extra forward passes: {'none' if o['no_extra_forward'] else 'YES'}" + robust_text(o.get("robust")),
+                "<= 1.03", overhead_met(o.get("robust"), o["ratio"]))]
 
 
 def keras_rows(outs: list[dict]) -> list[dict]:
@@ -109,8 +137,8 @@ def ultralytics_rows(outs: list[dict]) -> list[dict]:
     o = outs[0]
     return [row("training overhead", f"Ultralytics callbacks, YOLOv8n {o['setup']['imgsz']} px, "
                 f"{o['setup']['train_images']}+{o['setup']['val_images']} images",
-                f"traced/plain train() {o['ratio_median_train']:.3f}, epoch {o['ratio_median_epoch']:.3f}",
-                "<= 1.03", o["ratio_median_train"] <= 1.03)]
+                f"traced/plain train() {o['ratio_median_train']:.3f}, epoch {o['ratio_median_epoch']:.3f}"
+                + robust_text(o.get("robust_train")), "<= 1.03", overhead_met(o.get("robust_train"), o["ratio_median_train"]))]
 
 
 def wandb_rows(outs: list[dict]) -> list[dict]:
@@ -214,18 +242,18 @@ def detection3d_rows(outs: list[dict]) -> list[dict]:
 
 
 SUITE = [
-    Bench("overhead_cnn", "overhead.py", [["--model", "cnn", "--batches-per-epoch", "40", "--rounds", "4",
+    Bench("overhead_cnn", "overhead.py", [["--model", "cnn", "--batches-per-epoch", "40", "--rounds", "10",
                                            "--skip", "thread,worker,storage"]],
           ["--quick", "--model", "cnn", "--skip", "thread,worker,storage"], overhead_rows),
     Bench("overhead_mlp", "overhead.py", [["--batches-per-epoch", str(n), "--rounds", "4", "--skip", "thread,worker"]
                                           for n in (100, 200, 400)],
           ["--quick", "--skip", "thread,worker"], overhead_rows),
-    Bench("lightning_cnn", "lightning_overhead.py", [["--model", "cnn", "--rounds", "3", "--epochs", "2",
-                                                      "--train-batches", "30", "--val-batches", "10"]],
+    Bench("lightning_cnn", "lightning_overhead.py", [["--model", "cnn", "--rounds", "6", "--epochs", "2",
+                                                      "--train-batches", "15", "--val-batches", "5"]],
           ["--quick", "--model", "cnn"], lightning_rows),
-    Bench("hf", "hf_overhead.py", [["--rounds", "3"]], ["--quick"], hf_rows),
+    Bench("hf", "hf_overhead.py", [["--rounds", "8"]], ["--quick"], hf_rows),
     Bench("keras", "keras_overhead.py", [["--rounds", "3"]], ["--quick"], keras_rows, env={"KERAS_BACKEND": "torch"}),
-    Bench("ultralytics", "ultralytics_overhead.py", [[]], ["--quick"], ultralytics_rows),
+    Bench("ultralytics", "ultralytics_overhead.py", [["--rounds", "6"]], ["--quick"], ultralytics_rows),
     Bench("wandb", "wandb_compare.py", [["--batches-per-epoch", str(n), "--rounds", "3"] for n in (50, 100, 200)],
           ["--quick"], wandb_rows),
     Bench("core_throughput", "core_throughput.py", [[]], ["--quick"], throughput_rows),

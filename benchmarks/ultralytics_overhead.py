@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from machine_load import cpu_snapshot, foreign_cores, wait_quiet  # benchmarks/machine_load.py
+from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
 from ultralytics_detection import make_dataset, offline_ultralytics  # examples/ultralytics_detection.py
 
 
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             "plain_train_s": {"median": plain_train, "all": [x["train_s"] for x in runs["plain"]]},
             "traced_train_s": {"median": traced_train, "all": [x["train_s"] for x in runs["traced"]]},
             "ratio_median_train": traced_train / plain_train,
+            "robust_train": ratio_stats([x["train_s"] for x in runs["plain"]], [x["train_s"] for x in runs["traced"]]),
             "plain_epoch_s_median": plain_epoch,
             "traced_epoch_s_median": traced_epoch,
             "ratio_median_epoch": traced_epoch / plain_epoch,

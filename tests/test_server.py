@@ -109,6 +109,28 @@ def test_traces_sent_to_a_server_equal_the_local_store_and_the_evaluator_runs_th
         Evaluator("nothing", "v1", store=store).request_evaluation()
 
 
+def test_diversity_selection_reads_features_from_the_server(server, tmp_path, digits):
+    """A result evaluated by the server selects a pool by k-center greedy on features it downloads
+    (GET .../traces/{dataset_type}): the same picks as from a local store with the same traces."""
+    x, y, ids = digits
+    key = server.create_key("vision")
+    picks = {}
+    for name, store in (("remote", _remote(server, key, tmp_path)), ("local", tmp_path / "local")):
+        tracer = _tracer(store)
+        model = SGDClassifier(loss="log_loss", random_state=0).fit(x[:400], y[:400])
+        tracer.record(model.predict_proba(x[:400]), y[:400], input_ids=ids[:400], features=x[:400])
+        tracer.record(model.predict_proba(x[400:]), None, input_ids=ids[400:], features=x[400:], dataset_type="pool")
+        tracer.wait_for_save()
+        result = Evaluator(MODEL, VERSION, store=store).request_evaluation()
+        picks[name] = result.select(20, "diversity")
+        if name == "remote":
+            downloaded = store.read_traces(MODEL, VERSION, "pool", [0], exclude_columns=["probs", "logged_at"])
+    pd.testing.assert_frame_equal(picks["remote"], picks["local"])
+    assert len(picks["remote"]) == 20 and set(picks["remote"]["input_id"]) <= set(ids[400:])
+    stored = LocalStore(tmp_path / "local").read_traces(MODEL, VERSION, "pool", [0], exclude_columns=["probs", "logged_at"])
+    assert {"probs", "logged_at"}.isdisjoint(downloaded.column_names) and downloaded.sort_by("input_id").equals(stored.sort_by("input_id"))
+
+
 def test_failed_evaluation_is_reported_through_the_job(server, tmp_path, digits):
     key = server.create_key("vision")
     tracer = _tracer(_remote(server, key, tmp_path))

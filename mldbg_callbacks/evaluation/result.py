@@ -344,8 +344,8 @@ class Result:
         dataset, epoch = pool["dataset_type"].iloc[0], int(pool["n_epoch"].iloc[0])
         if self.store is None or not hasattr(self.store, "read_traces"):
             raise SelectionError("strategy 'diversity' reads the pool's features from the store, which this result "
-                                 "cannot reach (a result from a server, or built by hand): pass features=, or open "
-                                 "the result with Evaluator(..., store=LOCAL_DIR)")
+                                 "cannot reach (built by hand): pass features=, or open the result with "
+                                 "Evaluator(..., store=LOCAL_DIR or a server's address)")
 
         def read(name: str, n_epoch: int, ids: np.ndarray | None) -> np.ndarray:
             table = self.store.read_traces(self.model_name, self.version_name, name, [n_epoch])

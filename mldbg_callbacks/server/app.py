@@ -34,6 +34,7 @@ from .. import __version__
 from ..errors import InvalidNameError, MLDebuggerError, NoTracesError
 from ..evaluation.result import Result
 from ..store.local import LocalStore, is_local_path, store_path
+from ..store.remote import encode_chunk
 from ..store.names import NAME_PATTERN, validate_name
 from .db import Database, KeyCheck, key_hash, key_matches
 from .uploads import UploadError, read_chunk
@@ -194,12 +195,9 @@ def _frame_response(frame: pd.DataFrame, **extra: Any) -> Response:
     return JSONResponse({**extra, "columns": [str(c) for c in frame.columns], "rows": rows})
 
 
-def _arrow_response(frame: pd.DataFrame) -> Response:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
-        writer.write_table(table)
-    return Response(sink.getvalue(), media_type=ARROW_STREAM)
+def _arrow_response(frame: pd.DataFrame | pa.Table) -> Response:
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    return Response(encode_chunk(table), media_type=ARROW_STREAM)
 
 
 class _BodyTooLarge(Exception):
@@ -357,6 +355,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         summary["partitions"] = json.loads(store.partitions_frame(model_name, version_name).to_json(orient="records"))
         summary["results"] = store.list_results(model_name, version_name)
         return summary
+
+    @app.get(vbase + "/traces/{dataset_type}", tags=["runs"],
+             responses={**PROJECT_ERRORS, 200: {"description": "the committed rows as an Arrow IPC stream",
+                                                "content": {ARROW_STREAM: {}}}})
+    def get_traces(version: Version, dataset_type: Name, n_epoch: Annotated[list[int], Query()],
+                   exclude: Annotated[list[str], Query()] = []) -> Response:  # noqa: B006 - FastAPI's list default
+        """The committed rows of ``dataset_type`` at the epochs ``n_epoch`` (repeat the parameter), without the
+        columns ``exclude`` (e.g. the scores, when only features are needed: ``result.select("diversity")``)."""
+        store, model_name, version_name = version
+        return _arrow_response(store.read_traces(model_name, version_name, dataset_type, n_epoch, exclude))
 
     # -- uploads --------------------------------------------------------------------------------
     @app.put(vbase + "/meta", tags=["uploads"], responses=UPLOAD_ERRORS)

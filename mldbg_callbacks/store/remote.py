@@ -238,6 +238,14 @@ class RemoteStore:
         return pd.DataFrame(partitions, columns=["dataset_type", "n_epoch", "rows", "complete", "ranks_committed",
                                                  "world_size"])
 
+    def read_traces(self, model_name: str, version_name: str, dataset_type: str, epochs: Any,
+                    exclude_columns: Any = ()) -> pa.Table:
+        """Committed rows of the given epochs, as ``LocalStore.read_traces`` (downloaded: a whole partition)."""
+        path = f"{self._version_path(model_name, version_name)}/traces/{quote(validate_name(dataset_type, 'dataset_type'))}"
+        body = self.get(path, f"reading the traces of {model_name}/{version_name} {dataset_type}",
+                        params={"n_epoch": [int(e) for e in epochs], "exclude": list(exclude_columns)}).content
+        return decode_arrow(body)
+
     def list_results(self, model_name: str, version_name: str) -> list[dict]:
         return self.get(self._version_path(model_name, version_name) + "/results",
                         f"listing results of {model_name}/{version_name}").json()
