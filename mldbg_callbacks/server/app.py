@@ -13,7 +13,6 @@ project in its path; a key of another project gets the same 404 as a project tha
 
 import collections
 import hashlib
-import io
 import json
 import re
 import threading
