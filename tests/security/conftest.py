@@ -26,7 +26,8 @@ class SeededServer:
     keys: dict[str, str]
     # the seeded result's names, as path and query parameters
     names = {"project": "alpha", "model": MODEL, "version": VERSION, "result": RESULT,
-             "other_model": MODEL, "other_version": VERSION, "other_result": RESULT}
+             "other_model": MODEL, "other_version": VERSION, "other_result": RESULT,
+             "dataset_type": "train", "n_epoch": 1}
 
     @property
     def url(self) -> str:
