@@ -47,7 +47,8 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 import mldbg_callbacks  # noqa: E402
 from mldbg_callbacks.integrations.transformers import MLDebuggerCallback  # noqa: E402
-from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
+from machine_load import (HookTimer, cpu_snapshot, foreign_cores, ratio_stats, wait_quiet,  # benchmarks/machine_load.py
+                          work_added)
 
 
 def log(message: str) -> None:
@@ -87,6 +88,15 @@ def run_once(traced: bool, data: tuple, options: argparse.Namespace, scratch: Pa
                 end_times.append(time.perf_counter() - start)
 
         callback.on_train_end = timed_train_end
+        # the callback's steady-state work on the training thread: its hooks (the end-of-run flush apart,
+        # timed above) and the collator's id column
+        timer = HookTimer()
+        for name in [n for n in dir(callback) if n.startswith("on_") and n != "on_train_end"] + [
+                "_before_forward", "_after_forward"]:
+            setattr(callback, name, timer.wrap(getattr(callback, name)))
+        integration = sys.modules[MLDebuggerCallback.__module__]
+        id_batch = integration._id_batch
+        integration._id_batch = timer.wrap(id_batch)
         callbacks.append(callback)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                       data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
@@ -95,7 +105,11 @@ def run_once(traced: bool, data: tuple, options: argparse.Namespace, scratch: Pa
         wait_quiet(options.wait_quiet, options.quiet_cores)
     before = cpu_snapshot()
     start, cpu_start = time.perf_counter(), time.process_time()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if traced:
+            integration._id_batch = id_batch
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     result = {"seconds": elapsed, "cpu_s": cpu, "foreign_cores": foreign_cores(before, cpu_snapshot()),
               "forward_calls": dict(counter.counts),
@@ -104,6 +118,8 @@ def run_once(traced: bool, data: tuple, options: argparse.Namespace, scratch: Pa
         result["train_end_s"] = end_times[0]
         result["rows_written"] = callbacks[0].stats.rows_written
         result["rows_skipped"] = callbacks[0].stats.total_skipped
+        result["worker_cpu_s"] = callbacks[0].stats.worker_cpu_s
+        result["training_thread_s"] = timer.seconds
         callbacks[0].close()
     return result
 
@@ -173,6 +189,14 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_without_train_end": round(traced_without_end / plain, 4),
         "robust": ratio_stats([r["seconds"] for r in runs["plain"]], [r["seconds"] for r in runs["traced"]]),
         "train_end_s": round(train_end, 4),
+        "work": work_added(plain, statistics.median(r["cpu_s"] for r in runs["plain"]),
+                           statistics.median(r["worker_cpu_s"] for r in runs["traced"]),
+                           statistics.median(r["training_thread_s"] for r in runs["traced"])),
+        # the end of run on the training thread too (the plot, and the wait for the last writes, whose
+        # worker CPU is then counted twice): a fixed cost per run, whatever its length
+        "work_with_end": work_added(plain, statistics.median(r["cpu_s"] for r in runs["plain"]),
+                                    statistics.median(r["worker_cpu_s"] for r in runs["traced"]),
+                                    statistics.median(r["training_thread_s"] + r["train_end_s"] for r in runs["traced"])),
         "quiet_runs_only": {"threshold_cores": options.quiet_cores, "plain_runs": len(quiet["plain"]),
                             "traced_runs": len(quiet["traced"]),
                             "ratio": None if quiet_ratio is None else round(quiet_ratio, 4)},

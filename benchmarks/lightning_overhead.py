@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning.pytorch as pl
 from mldbg_callbacks.integrations.lightning import MLDebuggerCallback
-from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
+from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet, work_added  # benchmarks/machine_load.py
 
 BATCH, IN_DIM, HIDDEN, CLASSES = 256, 256, 512, 100
 MODEL = "mlp"  # set from --model
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         fit_once(train, val, 1, None)
         fit_once(train, val, 1, MLDebuggerCallback("bench", "warmup", store=store, label_tracker_plot=False))
         plain, traced, adapter, foreign, plain_cpu, traced_cpu, adapter_cpu = [], [], [], [], [], [], []
-        stats = None
+        stats, worker_cpu = None, []
         TimedCallback.hook_s = {}
         for r in range(args.rounds):
             if args.wait_quiet > 0:
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                     callback = TimedCallback("bench", f"r{r}", store=store, label_tracker_plot=False, arm="traced")
                     traced.append(fit_once(train, val, args.epochs, callback, foreign, traced_cpu))
                     stats = callback.stats
+                    worker_cpu.append(stats.worker_cpu_s)
             log(f"round {r + 1}/{args.rounds}: plain {statistics.median(plain):.3f}s "
                 f"traced {statistics.median(traced):.3f}s adapter only {statistics.median(adapter):.3f}s")
 
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             "traced_fit_s": {"median": median_traced, "all": traced},
             "ratio_median_fit": median_traced / median_plain,
             "robust_fit": ratio_stats(plain, traced),
+            "work": work_added(median_plain, statistics.median(plain_cpu), statistics.median(worker_cpu),
+                               TimedCallback.hook_s.get("traced", 0.0) / len(traced)),
             "adapter_only_fit_s": {"median": statistics.median(adapter), "all": adapter},
             "ratio_median_fit_adapter_only": statistics.median(adapter) / median_plain,
             "target_ratio": 1.05,

@@ -55,3 +55,39 @@ def ratio_stats(plain: list[float], traced: list[float], seed: int = 0) -> dict:
             "paired_ratio_95ci": [round(float(np.percentile(boot, 2.5)), 4), round(float(np.percentile(boot, 97.5)), 4)],
             "min_ratio": round(min(traced) / min(plain), 4),
             "plain_cv": round(float(np.std(plain) / np.mean(plain)), 4), "pairs": len(pairs)}
+
+
+class HookTimer:
+    """Adds up the wall time spent in the callables it wraps: a callback's work on the training thread."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, function):
+        import functools
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
+def work_added(plain_wall_s: float, plain_cpu_s: float, worker_cpu_s: float, training_thread_s: float) -> dict:
+    """What tracing adds to one plain run, as work instead of wall time: a machine whose speed drifts by
+    +-20% between runs cannot resolve a 3% wall-clock ratio, but it can count the work.
+
+    ``training_thread_s`` (time inside the callback on the training thread, hand-over included) adds to
+    the wall time directly. ``worker_cpu_s`` (the tracing worker's CPU time) adds between
+    ``worker/cpus_busy`` (shared evenly by training's threads, which keep ``plain_cpu/plain_wall`` cores
+    busy) and all of it (each time slice it takes stalls every training thread at the next barrier).
+    So the traced/plain wall ratio lies between ``floor`` and ``ceiling``.
+    """
+    busy = max(1.0, plain_cpu_s / plain_wall_s)
+    return {"worker_cpu_s": round(worker_cpu_s, 4), "training_thread_s": round(training_thread_s, 4),
+            "plain_wall_s": round(plain_wall_s, 4), "cores_busy_plain": round(busy, 2),
+            "floor": round(1 + (training_thread_s + worker_cpu_s / busy) / plain_wall_s, 4),
+            "ceiling": round(1 + (training_thread_s + worker_cpu_s) / plain_wall_s, 4)}

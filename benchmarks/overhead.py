@@ -44,7 +44,8 @@ import mldbg_callbacks
 from mldbg_callbacks.core.batch import PendingBatch
 from mldbg_callbacks.store import local as local_store
 from mldbg_callbacks.training import ClassificationTracer
-from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
+from machine_load import (HookTimer, cpu_snapshot, foreign_cores, ratio_stats, wait_quiet,  # benchmarks/machine_load.py
+                          work_added)
 
 BATCH = 256
 QUIET = 0.1  # an epoch counts as undisturbed when other processes used fewer cores than this
@@ -148,6 +149,9 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
     plain_calls, traced_calls = [], []
     plain_cpu, traced_cpu, wait_cpu = [], [], []
     plain_foreign, traced_foreign = [], []
+    worker_cpu, thread_s = [], []  # per traced epoch: the tracing worker's CPU, the hand-over's wall time
+    timer = HookTimer()
+    tracer.core.record = timer.wrap(tracer.core.record)
     epoch_no = 0
     snap0 = cpu_snapshot()
     log("warm-up: 1 plain + 1 traced epoch")
@@ -165,9 +169,12 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
                     plain.append(dt)
                 else:
                     epoch_no += 1
+                    worker0, thread0 = tracer.stats.worker_cpu_s, timer.seconds
                     dt = run_epoch(s, tracer, epoch_no, traced_calls, traced_cpu, traced_foreign)
                     t0, c0 = time.perf_counter(), time.process_time()
                     tracer.wait_for_save(n_epoch=epoch_no)
+                    worker_cpu.append(tracer.stats.worker_cpu_s - worker0)
+                    thread_s.append(timer.seconds - thread0)
                     w = time.perf_counter() - t0
                     wait_cpu.append(time.process_time() - c0)
                     traced.append(dt)
@@ -192,6 +199,7 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
         "median_traced_epoch_incl_wait_s": mw,
         "ratio_traced_over_plain": mt / mp,
         "robust": ratio_stats(plain, traced),
+        "work": work_added(mp, median(plain_cpu), median(worker_cpu), median(thread_s)),
         "ratio_traced_incl_wait_over_plain": mw / mp,
         "min_ratio_traced_over_plain": min(traced) / min(plain),
         "plain_samples_per_s": s.n / mp, "traced_samples_per_s": s.n / mt,

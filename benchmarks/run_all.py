@@ -55,9 +55,19 @@ def robust_text(stats: dict | None) -> str:
             f"{100 * stats['plain_cv']:.0f}%")
 
 
-def overhead_met(stats: dict | None, ratio: float, goal: float = 1.03) -> bool | str:
-    """Met when the paired ratio's 95% interval lies at or below the goal, missed when it lies above it;
-    an interval across the goal is reported as such (the machine's noise cannot decide)."""
+def work_text(work: dict | None) -> str:
+    """The work tracing added (``machine_load.work_added``), for the table."""
+    if not work:
+        return ""
+    return (f"; work added per run: worker {work['worker_cpu_s']:.3f} s CPU + training thread "
+            f"{work['training_thread_s']:.3f} s on {work['plain_wall_s']:.2f} s, bounding the ratio to "
+            f"{work['floor']:.3f}-{work['ceiling']:.3f}")
+
+
+def overhead_met(stats: dict | None, ratio: float, goal: float = 1.03, work: dict | None = None) -> bool | str:
+    """Met when the paired ratio's 95% interval lies at or below the goal, missed when it lies above it.
+    An interval across the goal (the machine's noise cannot decide) is settled by the work tracing added
+    where it was counted: its ceiling at or below the goal is met, otherwise reported as within noise."""
     if not stats:
         return ratio <= goal
     low, high = stats["paired_ratio_95ci"]
@@ -65,6 +75,8 @@ def overhead_met(stats: dict | None, ratio: float, goal: float = 1.03) -> bool |
         return True
     if low > goal:
         return False
+    if work and work["ceiling"] <= goal:
+        return "yes (by the work added; wall clock within noise)"
     return "within noise" if stats["paired_median_ratio"] <= goal else "no (within noise)"
 
 
@@ -89,9 +101,11 @@ def overhead_rows(outs: list[dict]) -> list[dict]:
     rows = [row("training overhead", f"ClassificationTracer, {model}, 512-d features",
                 "traced/plain " + " / ".join(f"{r:.3f}" for r in ratios)
                 + f" at {' / '.join(f'{s:,}' for s in sizes)} samples per epoch"
-                + (robust_text(outs[-1]["training"].get("robust")) if "Conv" in model else ""),
+                + (robust_text(outs[-1]["training"].get("robust")) + work_text(outs[-1]["training"].get("work"))
+                   if "Conv" in model else ""),
                 "<= 1.03" if "Conv" in model else "worst case: no goal",
-                overhead_met(outs[-1]["training"].get("robust"), max(ratios)) if "Conv" in model else None)]
+                overhead_met(outs[-1]["training"].get("robust"), max(ratios), work=outs[-1]["training"].get("work"))
+                if "Conv" in model else None)]
     last = outs[-1]
     if "analysis" in last:
         rows[0]["measured"] += (f"; CPU-bound floor {last['analysis']['cpu_bound_ratio_floor']:.2f} "
@@ -111,17 +125,19 @@ def lightning_rows(outs: list[dict]) -> list[dict]:
     return [row("training overhead", f"Lightning MLDebuggerCallback, {o['setup']['model']}",
                 f"traced/plain fit {o['ratio_median_fit']:.3f} (callback alone, no writing: "
                 f"{o['ratio_median_fit_adapter_only']:.3f}); process CPU {o['process_cpu_s']['ratio_traced']:.3f}"
-                + robust_text(o.get("robust_fit")),
+                + robust_text(o.get("robust_fit")) + work_text(o.get("work")),
                 "<= 1.03" if cnn else "worst case: no goal",
-                overhead_met(o.get("robust_fit"), o["ratio_median_fit"]) if cnn else None)]
+                overhead_met(o.get("robust_fit"), o["ratio_median_fit"], work=o.get("work")) if cnn else None)]
 
 
 def hf_rows(outs: list[dict]) -> list[dict]:
     o = outs[0]
     return [row("training overhead", f"Hugging Face Trainer callback, {o['workload']['model']}",
                 f"traced/plain {o['ratio']:.3f} ({o['ratio_without_train_end']:.3f} without the end-of-run flush); "
-                f"extra forward passes: {'none' if o['no_extra_forward'] else 'YES'}" + robust_text(o.get("robust")),
-                "<= 1.03", overhead_met(o.get("robust"), o["ratio"]))]
+                f"extra forward passes: {'none' if o['no_extra_forward'] else 'YES'}; end of run {o['train_end_s']:.2f} s"
+                + robust_text(o.get("robust")) + work_text(o.get("work"))
+                + (f" ({o['work_with_end']['ceiling']:.3f} with the end of run)" if "work_with_end" in o else ""),
+                "<= 1.03", overhead_met(o.get("robust"), o["ratio"], work=o.get("work_with_end")))]
 
 
 def keras_rows(outs: list[dict]) -> list[dict]:
@@ -138,7 +154,8 @@ def ultralytics_rows(outs: list[dict]) -> list[dict]:
     return [row("training overhead", f"Ultralytics callbacks, YOLOv8n {o['setup']['imgsz']} px, "
                 f"{o['setup']['train_images']}+{o['setup']['val_images']} images",
                 f"traced/plain train() {o['ratio_median_train']:.3f}, epoch {o['ratio_median_epoch']:.3f}"
-                + robust_text(o.get("robust_train")), "<= 1.03", overhead_met(o.get("robust_train"), o["ratio_median_train"]))]
+                + robust_text(o.get("robust_train")) + work_text(o.get("work")), "<= 1.03",
+                overhead_met(o.get("robust_train"), o["ratio_median_train"], work=o.get("work")))]
 
 
 def wandb_rows(outs: list[dict]) -> list[dict]:

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet  # benchmarks/machine_load.py
+from machine_load import (HookTimer, cpu_snapshot, foreign_cores, ratio_stats, wait_quiet,  # benchmarks/machine_load.py
+                          work_added)
 from ultralytics_detection import make_dataset, offline_ultralytics  # examples/ultralytics_detection.py
 
 
@@ -52,15 +53,29 @@ def train_once(data: Path, work: Path, args, store: str | None, version: str) ->
     model.add_callback("on_train_epoch_start", lambda trainer: started.append(time.perf_counter()))
     model.add_callback("on_fit_epoch_end", lambda trainer: epoch_s.append(time.perf_counter() - started[-1])
                        if len(started) > len(epoch_s) else None)  # (also fires for the final validation)
+    timer, integration = HookTimer(), sys.modules[add_mldbg_callbacks.__module__]
+    record = integration._record_detection
     if store is not None:
         add_mldbg_callbacks(model, model_name="bench", version_name=version, store=store)
+        # the callbacks' steady-state work on the training thread: their hooks (the end-of-run wait apart)
+        # and the per-batch recording inside validation
+        for event, functions in model.callbacks.items():
+            if event not in ("on_train_end", "teardown"):
+                functions[:] = [timer.wrap(f) if getattr(f, "func", None) in integration.callbacks.values() else f
+                                for f in functions]
+        integration._record_detection = timer.wrap(record)
     snapshot = cpu_snapshot()
-    start = time.perf_counter()
-    model.train(data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=0, device="cpu",
-                amp=False, plots=False, project=str(work / "runs"), name=version, exist_ok=True, verbose=False,
-                seed=0, deterministic=False, val=True)
-    wall = time.perf_counter() - start
-    return {"train_s": wall, "epoch_s": epoch_s, "foreign": foreign_cores(snapshot, cpu_snapshot())}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        model.train(data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=0, device="cpu",
+                    amp=False, plots=False, project=str(work / "runs"), name=version, exist_ok=True, verbose=False,
+                    seed=0, deterministic=False, val=True)
+    finally:
+        integration._record_detection = record
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    states = model.trainer.__dict__.get("_mldbg_states", {}).values()
+    return {"train_s": wall, "cpu_s": cpu, "epoch_s": epoch_s, "foreign": foreign_cores(snapshot, cpu_snapshot()),
+            "worker_cpu_s": sum(state.stats.worker_cpu_s for state in states), "training_thread_s": timer.seconds}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -122,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
             "traced_train_s": {"median": traced_train, "all": [x["train_s"] for x in runs["traced"]]},
             "ratio_median_train": traced_train / plain_train,
             "robust_train": ratio_stats([x["train_s"] for x in runs["plain"]], [x["train_s"] for x in runs["traced"]]),
+            "work": work_added(plain_train, statistics.median(x["cpu_s"] for x in runs["plain"]),
+                               statistics.median(x["worker_cpu_s"] for x in runs["traced"]),
+                               statistics.median(x["training_thread_s"] for x in runs["traced"])),
             "plain_epoch_s_median": plain_epoch,
             "traced_epoch_s_median": traced_epoch,
             "ratio_median_epoch": traced_epoch / plain_epoch,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -69,3 +70,26 @@ def test_every_benchmark_in_the_suite_exists_and_declares_the_options_the_suite_
         source = (BENCHMARKS / bench.script).read_text()
         for flag in {a for run in [*bench.runs, bench.quick] for a in run if a.startswith("--")}:
             assert f'"{flag}"' in source, f"{bench.script} has no option {flag} (run_all.py passes it)"
+
+
+def test_work_added_bounds_the_ratio_between_shared_and_stalling_cores():
+    from machine_load import HookTimer, work_added
+
+    timer = HookTimer()
+    nap = timer.wrap(time.sleep)
+    nap(0.02), nap(0.03)
+    assert 0.05 <= timer.seconds < 0.5
+    # training keeps 2 cores busy for 10 s; the worker's 1 CPU-s costs 0.5 s shared, 1 s if it stalls both
+    work = work_added(plain_wall_s=10.0, plain_cpu_s=20.0, worker_cpu_s=1.0, training_thread_s=0.2)
+    assert (work["floor"], work["ceiling"]) == (pytest.approx(1.07), pytest.approx(1.12))
+    # one busy core (a single-threaded training): the worker's CPU is all added either way
+    assert work_added(10.0, 9.0, 1.0, 0.2)["floor"] == pytest.approx(1.12)
+
+
+@pytest.mark.parametrize("interval, ceiling, verdict", [
+    ((0.98, 1.02), None, True), ((1.05, 1.20), 1.01, False), ((0.95, 1.10), None, "within noise"),
+    ((0.95, 1.10), 1.02, "yes (by the work added; wall clock within noise)"), ((0.95, 1.10), 1.05, "within noise")])
+def test_a_wall_clock_interval_across_the_goal_is_settled_by_the_work_added(interval, ceiling, verdict):
+    stats = {"paired_ratio_95ci": list(interval), "paired_median_ratio": 1.0}
+    work = None if ceiling is None else {"ceiling": ceiling}
+    assert run_all.overhead_met(stats, 1.0, work=work) == verdict

@@ -167,7 +167,7 @@ def test_keys_are_required_hashed_scoped_and_revocable(server, tmp_path, digits)
     # the database holds a hash, never the key
     with sqlite3.connect(server.store / ".mldbg-server.db") as conn:
         stored = [str(value) for row in conn.execute("SELECT * FROM api_keys") for value in row]
-    assert not any(key_a in value or key_a.split("_")[2] in value for value in stored)
+    assert not any(key_a in value or key_a.split("_", 2)[2] in value for value in stored)
     assert hashlib.sha256(key_a.encode()).hexdigest() in stored
 
     # revoke through the CLI: 403 from then on, and the tracer's writes fail with the fix named

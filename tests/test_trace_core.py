@@ -363,6 +363,29 @@ def test_record_blocks_when_the_queue_is_full(tmp_path, rng):
     assert stats.rows_written == 4 * n_batches
 
 
+
+def _spin(seconds: float) -> None:
+    """Burn ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_worker_cpu_time_counts_the_worker_thread_only(tmp_path, rng):
+    class BusySink(RunWriter):  # part writes cost the worker 40 ms of CPU each
+        def write_part(self, *args, **kwargs):
+            _spin(0.04)
+            return super().write_part(*args, **kwargs)
+
+    core = TraceCore(ClassificationCodec(), BusySink(LocalStore(tmp_path), MODEL, VERSION), rows_per_part=4)
+    for b in range(5):
+        core.record(*good_batch(rng, range(4))[:2], input_ids=np.arange(4 * b, 4 * b + 4))
+    _spin(0.5)  # the training thread's own work is not the tracer's
+    stats = core.wait_for_save()
+    assert stats.rows_written == 20
+    assert 5 * 0.04 <= stats.worker_cpu_s < 0.5, stats.worker_cpu_s
+    assert stats.copy().worker_cpu_s == stats.worker_cpu_s
+
 # -- ranks -----------------------------------------------------------------------------------------
 def test_rank_and_world_size_from_the_environment(tmp_path, rng, monkeypatch):
     monkeypatch.setenv("RANK", "1")

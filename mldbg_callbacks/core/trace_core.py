@@ -27,6 +27,7 @@ import threading
 import time
 import warnings
 import weakref
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -73,11 +74,12 @@ class TraceStats:
     write_errors: int = 0
     pending_uploads: int = 0  # remote sink: requests spooled on disk, not yet delivered to the server
     pending_bytes: int = 0
+    # CPU seconds the tracing worker thread spent (validating, encoding, writing): the work tracing adds
+    # besides the hand-over on the training thread, measurable on a machine too noisy to time epochs
+    worker_cpu_s: float = 0.0
 
     def copy(self) -> "TraceStats":
-        return TraceStats(self.batches, self.rows_received, self.rows_written, self.duplicates_dropped,
-                          collections.Counter(self.rows_skipped), self.write_errors, self.pending_uploads,
-                          self.pending_bytes)
+        return dataclasses.replace(self, rows_skipped=collections.Counter(self.rows_skipped))
 
     @property
     def total_skipped(self) -> int:
@@ -346,6 +348,9 @@ class TraceCore:
         _lower_thread_priority()
         while True:
             kind, payload, extra = self._queue.get()
+            if kind == "stop":
+                return
+            started = time.thread_time()
             try:
                 if kind == "batch":
                     self._handle_batch(payload, extra)
@@ -354,15 +359,15 @@ class TraceCore:
                     self._maybe_flush()
                 elif kind == "flush":
                     self._flush(lambda key: payload is None or key[1] == payload)
-                    extra.set()
-                elif kind == "stop":
-                    return
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything
                 log.exception("mldbg-callbacks: tracing worker error")
                 self.skip("internal_error", 0, f"{type(exc).__name__}: {exc}")
                 if kind == "flush":  # rows may be left unwritten: the caller asked for durability, so it is told
                     self._record_write_failure(("tracing worker", payload), exc)
-                    extra.set()
+            with self._lock:  # before a flush is reported done, so wait_for_save's stats include it
+                self._stats.worker_cpu_s += time.thread_time() - started
+            if kind == "flush":
+                extra.set()
 
     def _handle_batch(self, item: PendingBatch | "_Encoded", size: int) -> None:
         dataset_type, epoch = item.dataset_type, item.n_epoch

@@ -27,7 +27,7 @@ class SeededServer:
     # the seeded result's names, as path and query parameters
     names = {"project": "alpha", "model": MODEL, "version": VERSION, "result": RESULT,
              "other_model": MODEL, "other_version": VERSION, "other_result": RESULT,
-             "dataset_type": "train", "n_epoch": 1}
+             "dataset_type": "train", "n_epoch": 1, "table": "samples"}
 
     @property
     def url(self) -> str:

@@ -88,6 +88,19 @@ def fuzz_every_operation(schema, names: dict, header_sets: list[dict], extra_che
                 assert label == "invalid", operation.label  # nothing to make invalid (no parameters, no body)
             except Exception as exc:  # noqa: BLE001 - every operation's failure is reported at the end
                 failures.append(f"{operation.label} ({label} data): {exc}")
+        # a read of the seeded run with its names and no optional parameter: the generated cases add optional
+        # filters at random, which a table without that column refuses, so they may never reach its data
+        if operation.method.upper() == "GET" and path_names and set(path_names) == {
+                p.name for p in operation.path_parameters}:
+            required = {k: v for k, v in query_names.items() if any(p.name == k and p.is_required for p in operation.query)}
+            for headers in header_sets:
+                try:
+                    response = operation.Case(path_parameters=path_names, query=required or None,
+                                              headers=headers).call_and_validate(
+                        checks=[*SCHEMA_CHECKS, *extra_checks], timeout=30)
+                    answered[operation.label, response.status_code] += 1
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(f"{operation.label} (the seeded run's names): {exc}")
     assert not failures, "\n\n".join(failures)
     return answered
 
