@@ -15,8 +15,10 @@ runs in interleaved rounds (rotating order, so drift hits every variant alike) a
   ``wandb.Table(dataframe=...)``).
 
 Per variant: the median epoch time, the ratio to plain, and the overhead (ratio - 1); bytes on disk per
-sample-epoch (W&B's offline run directory vs our Parquet store); the goal is our overhead at most 1/10
-of W&B's. W&B runs with ``mode="offline"`` (nothing leaves the machine) in a temporary directory.
+sample-epoch (W&B's offline run directory vs our Parquet store). ``wandb.Table.MAX_ROWS`` is raised to an
+epoch's samples: ``run.log`` would otherwise keep only the first 10,000 rows of each table. The goal is our
+overhead at most 1/10 of W&B's. W&B runs with ``mode="offline"`` (nothing leaves the machine) in a
+temporary directory.
 
     python benchmarks/wandb_compare.py                  # a few minutes on 2 cores
     python benchmarks/wandb_compare.py --model cnn --batches-per-epoch 60
@@ -137,6 +139,9 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mldbg-wandb-bench-"))
     try:
         s = Setup(args.batches_per_epoch, args.seed, lr=0.05, optimizer="sgd", model=args.model)
+        # run.log() truncates a Table to Table.MAX_ROWS (10,000) rows with a logged warning: raised to an
+        # epoch's samples, so that W&B stores every row, as the tracer does
+        wandb.Table.MAX_ROWS = max(wandb.Table.MAX_ROWS, s.n)
         loggers = {
             "plain": None,
             "mldbg": ClassificationTracer(s.model, "bench", "v1", store=work / "mldbg", feature_layer=False),
@@ -175,6 +180,7 @@ def main(argv=None) -> dict:
                 for name in ("wandb_rows", "wandb_bulk")},
             "bytes_per_sample_epoch": {name: disk[name] / sample_epochs[name] for name in disk},
             "what_is_logged": "per sample and epoch: id, label, prediction, 100 class scores (no features)",
+            "wandb_table_max_rows": wandb.Table.MAX_ROWS,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

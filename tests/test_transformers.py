@@ -259,6 +259,39 @@ def test_predict_without_labels_traces_operation_rows_the_evaluator_reads(tmp_pa
     assert stored_ids(store_dir, "tiny-vit", "v2") == {("pool", 0): {h: 1 for h in row_hashes(pixels)}}
 
 
+
+def test_predict_during_training_traces_the_pool_at_the_epoch_of_the_weights(tmp_path, store_dir):
+    """A user's callback scores an unlabelled pool at each epoch end (active learning inside train()):
+    each epoch's predictions are stored under that epoch, and training and evaluation are traced as without it."""
+    from transformers import TrainerCallback
+
+    train, evaluation = digits_datasets(120, 40)
+    pool = hf_data.DictDataset([{"pixel_values": row["pixel_values"], "id": f"pool-{row['id']}"}
+                                for row in digits_datasets(200, 30)[1]])
+    scored = []
+
+    class ScorePool(TrainerCallback):
+        trainer = None
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            scored.append(self.trainer.predict(pool).predictions)
+
+    scorer = ScorePool()
+    trainer = Trainer(model=tiny_vit(), callbacks=[MLDebuggerCallback("tiny-vit", VERSION, strict=True), scorer],
+                      train_dataset=train, eval_dataset=evaluation,
+                      args=training_args(tmp_path / "out", num_train_epochs=2))
+    scorer.trainer = trainer
+    trainer.train()
+    ids = stored_ids(store_dir, "tiny-vit", VERSION)
+    pool_ids = {f"pool-{i}": 1 for i in range(200, 230)}
+    assert ids[("operation", 0)] == ids[("operation", 1)] == pool_ids
+    for epoch in (0, 1):
+        assert len(ids[("train", epoch)]) == 120 and len(ids[("eval", epoch)]) == 40
+        rows = stored_rows(store_dir, "tiny-vit", VERSION, "operation", epoch)
+        assert all(row["label"] is None for row in rows.values())
+        np.testing.assert_allclose(np.stack([rows[f"pool-{i}"]["logits"] for i in range(200, 230)]),
+                                   scored[epoch], atol=1e-5)
+
 def test_resume_from_checkpoint_records_each_epoch_once(tmp_path, store_dir):
     first, *_ = text_trainer(tmp_path, callbacks=[MLDebuggerCallback(MODEL, VERSION)], num_train_epochs=2,
                              save_strategy="epoch")
