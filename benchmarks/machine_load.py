@@ -81,13 +81,14 @@ def work_added(plain_wall_s: float, plain_cpu_s: float, worker_cpu_s: float, tra
     +-20% between runs cannot resolve a 3% wall-clock ratio, but it can count the work.
 
     ``training_thread_s`` (time inside the callback on the training thread, hand-over included) adds to
-    the wall time directly. ``worker_cpu_s`` (the tracing worker's CPU time) adds between
-    ``worker/cpus_busy`` (shared evenly by training's threads, which keep ``plain_cpu/plain_wall`` cores
-    busy) and all of it (each time slice it takes stalls every training thread at the next barrier).
-    So the traced/plain wall ratio lies between ``floor`` and ``ceiling``.
+    the wall time directly. ``worker_cpu_s`` (the tracing worker's CPU time) adds at most all of itself
+    (``ceiling``: each time slice it takes stalls every training thread at the next barrier), and
+    ``worker/cores_busy`` where training's threads share it evenly (``shared``; less again where the
+    worker only takes what threads spinning at a barrier would have wasted, or works during the wait for
+    durability at epoch end, which a traced epoch's time leaves out).
     """
     busy = max(1.0, plain_cpu_s / plain_wall_s)
     return {"worker_cpu_s": round(worker_cpu_s, 4), "training_thread_s": round(training_thread_s, 4),
             "plain_wall_s": round(plain_wall_s, 4), "cores_busy_plain": round(busy, 2),
-            "floor": round(1 + (training_thread_s + worker_cpu_s / busy) / plain_wall_s, 4),
+            "shared": round(1 + (training_thread_s + worker_cpu_s / busy) / plain_wall_s, 4),
             "ceiling": round(1 + (training_thread_s + worker_cpu_s) / plain_wall_s, 4)}

@@ -60,8 +60,8 @@ def work_text(work: dict | None) -> str:
     if not work:
         return ""
     return (f"; work added per run: worker {work['worker_cpu_s']:.3f} s CPU + training thread "
-            f"{work['training_thread_s']:.3f} s on {work['plain_wall_s']:.2f} s, bounding the ratio to "
-            f"{work['floor']:.3f}-{work['ceiling']:.3f}")
+            f"{work['training_thread_s']:.3f} s on {work['plain_wall_s']:.2f} s: ratio {work['shared']:.3f} shared, "
+            f"{work['ceiling']:.3f} at most")
 
 
 def overhead_met(stats: dict | None, ratio: float, goal: float = 1.03, work: dict | None = None) -> bool | str:
@@ -342,12 +342,16 @@ def main(argv=None) -> int:
             if args.summarize_only:
                 if not (out / f"{bench.name}.json").exists():
                     continue
-                outs = json.loads((out / f"{bench.name}.json").read_text())["outputs"]
+                raw = json.loads((out / f"{bench.name}.json").read_text())
+                outs, measured = raw["outputs"], raw.get("measured")
             else:
                 outs = [run_one(bench, run_args, bench.timeout_s) for run_args in runs]
-                (out / f"{bench.name}.json").write_text(json.dumps({"args": runs, "outputs": outs}, indent=1))
+                measured = summary["machine"]["date"]
+                (out / f"{bench.name}.json").write_text(json.dumps({"args": runs, "outputs": outs, "measured": measured},
+                                                                   indent=1))
             rows = bench.rows(outs)
-            summary["benchmarks"][bench.name] = {"seconds": round(time.perf_counter() - start, 1), "rows": rows}
+            summary["benchmarks"][bench.name] = {"seconds": round(time.perf_counter() - start, 1), "measured": measured,
+                                                 "rows": rows}
         except Exception as exc:  # noqa: BLE001 - report it and go on with the other benchmarks
             failures += 1
             summary["benchmarks"][bench.name] = {"error": str(exc)}
@@ -360,7 +364,9 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: ["training overhead", "vs W&B", "storage", "tracing core", "evaluation", "growth"].index(r["area"]))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     m = summary["machine"]
-    table = (f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}"
+    days = sorted({b["measured"][:10] for b in summary["benchmarks"].values() if b.get("measured")} or {m["date"][:10]})
+    when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]} (each benchmark's date: summary.json)"
+    table = (f"Measured {when} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}"
              f"{' (quick: toy sizes)' if args.quick else ''}. Reproduce: `bash scripts/bench.sh`.\n\n" + markdown(rows))
     (out / "summary.md").write_text(table)
     print(table)

@@ -81,9 +81,9 @@ def test_work_added_bounds_the_ratio_between_shared_and_stalling_cores():
     assert 0.05 <= timer.seconds < 0.5
     # training keeps 2 cores busy for 10 s; the worker's 1 CPU-s costs 0.5 s shared, 1 s if it stalls both
     work = work_added(plain_wall_s=10.0, plain_cpu_s=20.0, worker_cpu_s=1.0, training_thread_s=0.2)
-    assert (work["floor"], work["ceiling"]) == (pytest.approx(1.07), pytest.approx(1.12))
+    assert (work["shared"], work["ceiling"]) == (pytest.approx(1.07), pytest.approx(1.12))
     # one busy core (a single-threaded training): the worker's CPU is all added either way
-    assert work_added(10.0, 9.0, 1.0, 0.2)["floor"] == pytest.approx(1.12)
+    assert work_added(10.0, 9.0, 1.0, 0.2)["shared"] == pytest.approx(1.12)
 
 
 @pytest.mark.parametrize("interval, ceiling, verdict", [

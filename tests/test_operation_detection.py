@@ -16,12 +16,14 @@ from scipy.stats import entropy as scipy_entropy
 
 from test_detection3d_eval import _tracer as tracer3d
 from test_detection3d_eval import random_frames
+from server_utils import running_server
 from test_detection_eval import SIZE, _tracer, random_scene
 
 from mldbg_callbacks.cli import main as mldbg
 from mldbg_callbacks.core.vectors import decode_vectors
 from mldbg_callbacks.errors import NoReferenceError, SelectionError
 from mldbg_callbacks.evaluator import Evaluator
+from mldbg_callbacks.store import RemoteStore
 
 START = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
 LABEL_FREE = ["n_pred", "pred", "max_score", "entropy", "top2_gap", "error_proba", "expected_errors", "region",
@@ -58,25 +60,47 @@ def _degraded(images: dict, rng) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    store_dir = tmp_path_factory.mktemp("opdet")
+def _trace_scenario(tracer) -> tuple[dict, dict]:
+    """Labelled train and val images, then three hours of operation; returns (val, shifted)."""
     rng = np.random.default_rng(7)
     train, val, fresh, shifted = (random_scene(rng, n) for n in (300, 150, 150, 150))
     features = {name: _embeddings(rng, images) for name, images in (("train", train), ("val", val), ("fresh", fresh))}
     features["shifted"] = _embeddings(rng, shifted, shift=rng.normal(0, 2, 16))
+    _trace(tracer, train, "train", features["train"])
+    _trace(tracer, val, "val", features["val"])
+    # hour 1: the val images again, without ground truth; hour 2: new images of the same distribution;
+    # hour 3: new images from a new sensor (other embeddings, lower scores, more background boxes)
+    _trace(tracer, val, "operation", features["val"], [f"op-{k}" for k in val], START)
+    _trace(tracer, fresh, "operation", features["fresh"], [f"fresh-{k}" for k in fresh],
+           START + dt.timedelta(hours=1))
+    _trace(tracer, _degraded(shifted, rng), "operation", features["shifted"], [f"shift-{k}" for k in shifted],
+           START + dt.timedelta(hours=2))
+    tracer.wait_for_save()
+    return val, shifted
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    store_dir = tmp_path_factory.mktemp("opdet")
     with _tracer(store_dir, num_classes=4) as tracer:
-        _trace(tracer, train, "train", features["train"])
-        _trace(tracer, val, "val", features["val"])
-        # hour 1: the val images again, without ground truth; hour 2: new images of the same distribution;
-        # hour 3: new images from a new sensor (other embeddings, lower scores, more background boxes)
-        _trace(tracer, val, "operation", features["val"], [f"op-{k}" for k in val], START)
-        _trace(tracer, fresh, "operation", features["fresh"], [f"fresh-{k}" for k in fresh],
-               START + dt.timedelta(hours=1))
-        _trace(tracer, _degraded(shifted, rng), "operation", features["shifted"], [f"shift-{k}" for k in shifted],
-               START + dt.timedelta(hours=2))
-        tracer.wait_for_save()
+        val, shifted = _trace_scenario(tracer)
     return Evaluator("det", "v1", store=store_dir).request_evaluation(), val, shifted
+
+
+def test_a_server_evaluates_detections_traced_without_labels_as_a_local_store_does(evaluated, tmp_path):
+    """The same operation data uploaded to `mldbg serve` on loopback and evaluated there: the same label-free
+    table, monitoring windows and diversity picks (features read back through GET .../traces)."""
+    local = evaluated[0]
+    with running_server(tmp_path / "server") as server:
+        remote = RemoteStore(server.url, server.create_key("vision"), spool_dir=tmp_path / "spool")
+        with _tracer(remote, num_classes=4) as tracer:
+            _trace_scenario(tracer)
+        result = Evaluator("det", "v1", store=remote).request_evaluation()
+        pd.testing.assert_frame_equal(result.unlabelled(), local.unlabelled())
+        pd.testing.assert_frame_equal(result.monitoring(window="h"), local.monitoring(window="h"))
+        picks = result.select(20, "diversity")
+        pd.testing.assert_frame_equal(picks, local.select(20, "diversity"))
+    assert len(picks) == 20 and picks["input_id"].str.startswith(("op-", "fresh-", "shift-")).all()
 
 
 def test_images_without_ground_truth_get_the_label_free_signals_of_the_labelled_path(evaluated):
