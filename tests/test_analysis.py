@@ -240,9 +240,20 @@ def test_label_tracker_follows_fastestimator_semantics(two_dataset_result):
 
 
 def test_label_tracker_plot(two_dataset_result, tmp_path):
-    path = tmp_path / "tracker.png"
-    two_dataset_result.label_tracker(bounds=["std", "range"]).plot(str(path))
-    assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    previous = matplotlib.get_backend()
+    plt.switch_backend("pdf")  # a user's backend (a notebook's, say): saving a PNG must not replace it
+    try:
+        open_figure = plt.figure()
+        path = tmp_path / "tracker.png"
+        two_dataset_result.label_tracker(bounds=["std", "range"]).plot(str(path))
+        assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == [open_figure.number]
+    finally:
+        plt.close("all")
+        plt.switch_backend(previous)
 
 
 def test_compare_two_versions(store_dir, two_dataset_result):

@@ -25,15 +25,22 @@ class LabelTrackerFrame(pd.DataFrame):
         return LabelTrackerFrame
 
     def plot(self, path: str | None = None, title: str | None = None):  # noqa: D401 - overrides pandas' plot
-        """Draw one panel per bounds option (a line per label, shaded bounds); save to ``path`` if given."""
-        import matplotlib
+        """Draw one panel per bounds option (a line per label, shaded bounds); save to ``path`` if given.
 
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+        With a path the figure is drawn apart from pyplot (its backend and open figures are left as they
+        are, e.g. in a notebook, and a training callback can save it from any thread); without one it is
+        a pyplot figure, shown as the user's backend shows figures."""
         options = list(dict.fromkeys(self["bounds"]))
-        fig, axes = plt.subplots(1, len(options), figsize=(6 * len(options), 4), squeeze=False)
+        size = (6 * len(options), 4)
+        if path is not None:
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=size)
+            axes = fig.subplots(1, len(options), squeeze=False)
+        else:
+            import matplotlib.pyplot as plt
+
+            fig, axes = plt.subplots(1, len(options), figsize=size, squeeze=False)
         metric = getattr(self, "metric", "metric")
         for ax, option in zip(axes[0], options):
             part = self[self["bounds"] == option]
@@ -51,7 +58,6 @@ class LabelTrackerFrame(pd.DataFrame):
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=100)
-            plt.close(fig)
         return fig
 
 
