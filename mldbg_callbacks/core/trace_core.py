@@ -39,6 +39,7 @@ from ..store.names import validate_name
 from .arrays import hand_over, leading_dim
 from .batch import EncodedBatch, PendingBatch, TaskCodec
 from .distributed import rank_and_world_size
+from .hashing import batch_ids
 
 log = logging.getLogger("mldbg_callbacks")
 
@@ -98,9 +99,10 @@ class TraceCore:
         rows_per_part: a partition's buffer is spilled to a Parquet part (not yet visible to
             readers) once it holds this many rows, which bounds memory per open epoch.
         strict: raise on bad input and tracing errors instead of warning and counting.
-        encode_rows: batches of one partition are staged (references, as handed over) and encoded
+        encode_rows: batches of one partition are staged (references as handed over; inputs kept for
+            content-hash ids are hashed first and let go) and encoded
             together once they hold this many rows, or when the partition is flushed; ``1`` encodes
-            every batch on arrival. Only for codecs with ``merge`` (classification).
+            every batch on arrival. Only for codecs with ``merge`` (classification, 2D and 3D detection).
         block_when_full: ``False`` for serving code (``InferenceLogger``): when the hand-over queue is
             full, ``record()`` drops the batch and counts it (``rows_skipped["queue_full"]``) instead of
             waiting for the worker, so the request path never blocks.
@@ -383,13 +385,29 @@ class TraceCore:
         if isinstance(item, _Encoded):
             self._add_encoded(key, item.encoded, item.logged_at)
         elif self.encode_rows > 1 and hasattr(self.codec, "merge"):
-            self._staged[key].append((item, size))
-            self._staged_rows[key] += size
-            if self._staged_rows[key] >= min(self.encode_rows, self.rows_per_part):
-                self._encode_staged(key)
+            if self._drop_inputs(item, size):
+                self._staged[key].append((item, size))
+                self._staged_rows[key] += size
+                if self._staged_rows[key] >= min(self.encode_rows, self.rows_per_part):
+                    self._encode_staged(key)
         else:
             self._encode_batches(key, [(item, size)])
         self._maybe_flush()
+
+    def _drop_inputs(self, batch: PendingBatch, size: int) -> bool:
+        """Replace the inputs kept for content-hash ids by the ids, so that a staged batch does not hold its
+        images until the partition is encoded; False (skipped and counted) when they cannot be hashed."""
+        if batch.input_ids is not None or batch.inputs is None:
+            return True
+        try:
+            batch.input_ids, batch.inputs = batch_ids(None, batch.inputs, size), None
+        except Exception as exc:  # noqa: BLE001
+            self._skip_invalid(size, exc)
+            return False
+        return True
+
+    def _skip_invalid(self, rows: int, exc: Exception) -> None:
+        self.skip("invalid_batch", rows, str(exc) if isinstance(exc, TraceInputError) else f"{type(exc).__name__}: {exc}")
 
     def _encode_staged(self, key: PartitionKey) -> None:
         batches = self._staged.pop(key, [])
@@ -418,8 +436,7 @@ class TraceCore:
             try:
                 encoded = self.codec.encode(batch)
             except Exception as exc:  # noqa: BLE001
-                self.skip("invalid_batch", size, str(exc)
-                          if isinstance(exc, TraceInputError) else f"{type(exc).__name__}: {exc}")
+                self._skip_invalid(size, exc)
                 continue
             self._add_encoded(key, encoded, batch.logged_at)
 

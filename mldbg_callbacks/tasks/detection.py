@@ -140,6 +140,28 @@ class DetectionCodec:
         return size
 
     # -- worker thread -------------------------------------------------------------------------
+    def merge_key(self, batch: PendingBatch) -> tuple:
+        """What batches must share to be encoded as one (metadata only)."""
+        features = getattr(batch.features, "shape", None)
+        return (bool(batch.targets.get("missing")), "velocities" in batch.targets,
+                batch.outputs.get("image_size") is None, batch.logged_at, None if features is None else features[1:])
+
+    def merge(self, batches: list[PendingBatch]) -> PendingBatch:
+        """One batch with the images of several that share ``merge_key``: the per-image lists joined (the
+        arrays themselves are not copied), image sizes, ids and features concatenated."""
+        first = batches[0]
+        images = [len(b.outputs["boxes"]) for b in batches]
+        outputs = {k: [x for b in batches for x in b.outputs[k]] for k in ("boxes", "scores", "labels")}
+        if first.outputs.get("image_size") is not None:
+            outputs["image_size"] = np.concatenate([self._image_sizes(b.outputs["image_size"], n)
+                                                    for b, n in zip(batches, images)])
+        targets = {k: [x for b in batches for x in b.targets[k]] for k in first.targets if k != "missing"}
+        if first.targets.get("missing"):
+            targets["missing"] = True
+        ids = np.concatenate([batch_ids(b.input_ids, b.inputs, n) for b, n in zip(batches, images)])
+        features = None if first.features is None else np.concatenate([to_numpy(b.features) for b in batches])
+        return PendingBatch(outputs, targets, ids, features, None, first.dataset_type, first.n_epoch, first.logged_at)
+
     def encode(self, batch: PendingBatch) -> EncodedBatch:
         outputs, targets = batch.outputs, batch.targets
         size = len(outputs["boxes"])
@@ -241,9 +263,12 @@ class DetectionCodec:
                      image_size: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Predictions may reach past the border (box regression): clipped, as torchvision does."""
         if image_size is not None:
-            h, w = image_size[pred_image, 0:1], image_size[pred_image, 1:2]
-            known = (h > 0)[:, 0]
-            pred_boxes[known] = np.clip(pred_boxes[known], 0, np.concatenate([w, h, w, h], axis=1)[known])
+            upper = image_size[:, [1, 0, 1, 0]][pred_image].astype(pred_boxes.dtype)  # w, h, w, h per box
+            known = upper[:, 1] > 0  # height 0: size unknown
+            if known.all():  # the usual case: clipped in place, without boolean-indexed copies
+                np.clip(pred_boxes, 0, upper, out=pred_boxes)
+            else:
+                pred_boxes[known] = np.clip(pred_boxes[known], 0, upper[known])
         return pred_boxes, gt_boxes
 
     def frame_columns(self, image_size: np.ndarray | None, kept: np.ndarray) -> dict[str, pa.Array]:
