@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import logging
 import numbers
 import os
@@ -27,7 +28,6 @@ import threading
 import time
 import warnings
 import weakref
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
