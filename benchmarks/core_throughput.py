@@ -20,8 +20,9 @@ For each, at every size of ``--sizes`` (growth):
   hand-written Parquet logger would cost.
 
 ``profile`` runs the worker's stages single-threaded on the calling thread (the package's own code:
-``codec.encode`` of staged batches merged as the worker merges them, the duplicate check, ``concat_tables`` and the store's ``write_part``) under cProfile
-and reports each stage's share and the top functions by own time.
+``codec.encode`` of staged batches merged as the worker merges them, the duplicate check,
+``concat_tables`` and the store's ``write_part``) under cProfile and reports each stage's share and the
+top functions by own time.
 
     python benchmarks/core_throughput.py                   # about a minute on 2 cores
     python benchmarks/core_throughput.py --quick           # smoke test
@@ -214,14 +215,13 @@ def profile_worker(work: dict, pool: list[dict], batches: int, root: Path, top: 
     clock = time.perf_counter
     profiler.enable()
     tables, staged = [], []
-    stage_rows = min(core.encode_rows, core.rows_per_part)  # staged and merged as the worker does
     for b in range(batches):
         item = pool[b % len(pool)]
         ids = np.arange(b * size, (b + 1) * size)
         pending = PendingBatch(item["outputs"], item["targets"], ids, item["features"], None, "train", 0)
         codec.check(pending)
         staged.append(pending)
-        if len(staged) * size < stage_rows and b < batches - 1:
+        if len(staged) * size < core.stage_rows and b < batches - 1:  # staged and merged as the worker does
             continue
         t0 = clock(); encoded = codec.encode(codec.merge(staged) if len(staged) > 1 else staged[0]); t1 = clock()
         table = core._drop_duplicates(("train", 0), encoded.table); t2 = clock()

@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     train_end = statistics.median(r["train_end_s"] for r in runs["traced"])
     traced_without_end = statistics.median(r["seconds"] - r["train_end_s"] for r in runs["traced"])
     expected_rows = options.epochs * (options.n_train + options.n_eval)
+    plain_cpu = statistics.median(r["cpu_s"] for r in runs["plain"])
+    worker_cpu = statistics.median(r["worker_cpu_s"] for r in runs["traced"])
     quiet = {arm: [r for r in values if r["foreign_cores"] is not None and r["foreign_cores"] < options.quiet_cores]
              for arm, values in runs.items()}
     quiet_ratio = (statistics.median(r["seconds"] for r in quiet["traced"]) /
@@ -189,19 +191,16 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_without_train_end": round(traced_without_end / plain, 4),
         "robust": ratio_stats([r["seconds"] for r in runs["plain"]], [r["seconds"] for r in runs["traced"]]),
         "train_end_s": round(train_end, 4),
-        "work": work_added(plain, statistics.median(r["cpu_s"] for r in runs["plain"]),
-                           statistics.median(r["worker_cpu_s"] for r in runs["traced"]),
+        "work": work_added(plain, plain_cpu, worker_cpu,
                            statistics.median(r["training_thread_s"] for r in runs["traced"])),
         # the end of run on the training thread too (the plot, and the wait for the last writes, whose
         # worker CPU is then counted twice): a fixed cost per run, whatever its length
-        "work_with_end": work_added(plain, statistics.median(r["cpu_s"] for r in runs["plain"]),
-                                    statistics.median(r["worker_cpu_s"] for r in runs["traced"]),
-                                    statistics.median(r["training_thread_s"] + r["train_end_s"] for r in runs["traced"])),
+        "work_with_end": work_added(plain, plain_cpu, worker_cpu, statistics.median(
+            r["training_thread_s"] + r["train_end_s"] for r in runs["traced"])),
         "quiet_runs_only": {"threshold_cores": options.quiet_cores, "plain_runs": len(quiet["plain"]),
                             "traced_runs": len(quiet["traced"]),
                             "ratio": None if quiet_ratio is None else round(quiet_ratio, 4)},
-        "cpu_ratio": round(statistics.median(r["cpu_s"] for r in runs["traced"]) /
-                           statistics.median(r["cpu_s"] for r in runs["plain"]), 4),
+        "cpu_ratio": round(statistics.median(r["cpu_s"] for r in runs["traced"]) / plain_cpu, 4),
         "target_ratio": 1.05,
         "forward_calls": {"plain": runs["plain"][0]["forward_calls"], "traced": runs["traced"][0]["forward_calls"]},
         "no_extra_forward": all(r["forward_calls"] == runs["plain"][0]["forward_calls"]

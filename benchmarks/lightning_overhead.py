@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning.pytorch as pl
 from mldbg_callbacks.integrations.lightning import MLDebuggerCallback
-from machine_load import cpu_snapshot, foreign_cores, ratio_stats, wait_quiet, work_added  # benchmarks/machine_load.py
+from machine_load import (HookTimer, cpu_snapshot, foreign_cores, ratio_stats, wait_quiet,  # benchmarks/machine_load.py
+                          work_added)
 
 BATCH, IN_DIM, HIDDEN, CLASSES = 256, 256, 512, 100
 MODEL = "mlp"  # set from --model
@@ -90,26 +91,12 @@ def synthetic(n: int, rng: np.random.Generator, teacher: np.ndarray, offset: int
                          torch.arange(offset, offset + n))
 
 
-class TimedCallback(MLDebuggerCallback):
-    """The callback, timing what it does on the training thread per batch (hand-over included)."""
-
-    hook_s: dict = {}  # arm -> seconds on the training thread inside the callback
-
-    def __init__(self, *args, arm: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.arm = arm
-
-    def _trace(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return super()._trace(*args, **kwargs)
-        finally:
-            TimedCallback.hook_s[self.arm] = TimedCallback.hook_s.get(self.arm, 0.0) + time.perf_counter() - start
-
-    def _forget_latest(self):
-        start = time.perf_counter()
-        super()._forget_latest()
-        TimedCallback.hook_s[self.arm] = TimedCallback.hook_s.get(self.arm, 0.0) + time.perf_counter() - start
+def timed_callback(timer: HookTimer, *args, **kwargs) -> MLDebuggerCallback:
+    """The callback, with what it does on the training thread per batch (hand-over included) timed."""
+    callback = MLDebuggerCallback(*args, **kwargs)
+    for name in ("_trace", "_forget_latest"):
+        setattr(callback, name, timer.wrap(getattr(callback, name)))
+    return callback
 
 
 class DiscardingCore:
@@ -190,21 +177,21 @@ def main(argv: list[str] | None = None) -> None:
         fit_once(train, val, 1, MLDebuggerCallback("bench", "warmup", store=store, label_tracker_plot=False))
         plain, traced, adapter, foreign, plain_cpu, traced_cpu, adapter_cpu = [], [], [], [], [], [], []
         stats, worker_cpu = None, []
-        TimedCallback.hook_s = {}
+        timers = {"traced": HookTimer(), "adapter_only": HookTimer()}  # the callback's time on the training thread
         for r in range(args.rounds):
             if args.wait_quiet > 0:
                 wait_quiet(args.wait_quiet)
             kinds = ("plain", "traced", "adapter_only")
             for kind in (kinds if r % 2 == 0 else kinds[::-1]):
                 if kind == "adapter_only":
-                    callback = TimedCallback("bench", f"a{r}", store=store, label_tracker_plot=False,
-                                             arm="adapter_only")
+                    callback = timed_callback(timers["adapter_only"], "bench", f"a{r}", store=store,
+                                              label_tracker_plot=False)
                     callback.core = DiscardingCore()
                     adapter.append(fit_once(train, val, args.epochs, callback, foreign, adapter_cpu))
                 elif kind == "plain":
                     plain.append(fit_once(train, val, args.epochs, None, foreign, plain_cpu))
                 else:
-                    callback = TimedCallback("bench", f"r{r}", store=store, label_tracker_plot=False, arm="traced")
+                    callback = timed_callback(timers["traced"], "bench", f"r{r}", store=store, label_tracker_plot=False)
                     traced.append(fit_once(train, val, args.epochs, callback, foreign, traced_cpu))
                     stats = callback.stats
                     worker_cpu.append(stats.worker_cpu_s)
@@ -230,13 +217,13 @@ def main(argv: list[str] | None = None) -> None:
             "ratio_median_fit": median_traced / median_plain,
             "robust_fit": ratio_stats(plain, traced),
             "work": work_added(median_plain, statistics.median(plain_cpu), statistics.median(worker_cpu),
-                               TimedCallback.hook_s.get("traced", 0.0) / len(traced)),
+                               timers["traced"].seconds / len(traced)),
             "adapter_only_fit_s": {"median": statistics.median(adapter), "all": adapter},
             "ratio_median_fit_adapter_only": statistics.median(adapter) / median_plain,
             "target_ratio": 1.05,
             "per_step_ms": {"plain": 1e3 * median_plain / steps, "traced": 1e3 * median_traced / steps},
             "callback_training_thread_ms_per_step": {
-                arm: 1e3 * seconds / (steps * len(traced)) for arm, seconds in TimedCallback.hook_s.items()},
+                arm: 1e3 * timer.seconds / (steps * len(traced)) for arm, timer in timers.items()},
             "process_cpu_s": {"plain_median": statistics.median(plain_cpu),
                               "traced_median": statistics.median(traced_cpu),
                               "adapter_only_median": statistics.median(adapter_cpu),

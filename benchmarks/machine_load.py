@@ -58,21 +58,26 @@ def ratio_stats(plain: list[float], traced: list[float], seed: int = 0) -> dict:
 
 
 class HookTimer:
-    """Adds up the wall time spent in the callables it wraps: a callback's work on the training thread."""
+    """Adds up the wall time spent in the callables it wraps: a callback's work on the training thread.
+    A wrapped callable called from another one (a hook that records) is counted once, by the outer call."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self._depth = 0
 
     def wrap(self, function):
         import functools
 
         @functools.wraps(function)
         def timed(*args, **kwargs):
+            self._depth += 1
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                self._depth -= 1
+                if not self._depth:
+                    self.seconds += time.perf_counter() - start
         return timed
 
 

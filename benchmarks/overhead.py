@@ -173,10 +173,10 @@ def bench_training(s: Setup, tracer: ClassificationTracer, rounds: int, epochs: 
                     dt = run_epoch(s, tracer, epoch_no, traced_calls, traced_cpu, traced_foreign)
                     t0, c0 = time.perf_counter(), time.process_time()
                     tracer.wait_for_save(n_epoch=epoch_no)
-                    worker_cpu.append(tracer.stats.worker_cpu_s - worker0)
-                    thread_s.append(timer.seconds - thread0)
                     w = time.perf_counter() - t0
                     wait_cpu.append(time.process_time() - c0)
+                    worker_cpu.append(tracer.stats.worker_cpu_s - worker0)
+                    thread_s.append(timer.seconds - thread0)
                     traced.append(dt)
                     waits.append(w)
                     traced_with_wait.append(dt + w)

@@ -79,6 +79,9 @@ def test_work_added_bounds_the_ratio_between_shared_and_stalling_cores():
     nap = timer.wrap(time.sleep)
     nap(0.02), nap(0.03)
     assert 0.05 <= timer.seconds < 0.5
+    before = timer.seconds
+    timer.wrap(lambda: nap(0.1))()  # a timed hook calling a timed function: its time counted once
+    assert 0.1 <= timer.seconds - before < 0.19
     # training keeps 2 cores busy for 10 s; the worker's 1 CPU-s costs 0.5 s shared, 1 s if it stalls both
     work = work_added(plain_wall_s=10.0, plain_cpu_s=20.0, worker_cpu_s=1.0, training_thread_s=0.2)
     assert (work["shared"], work["ceiling"]) == (pytest.approx(1.07), pytest.approx(1.12))

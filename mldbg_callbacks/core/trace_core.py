@@ -388,11 +388,16 @@ class TraceCore:
             if self._drop_inputs(item, size):
                 self._staged[key].append((item, size))
                 self._staged_rows[key] += size
-                if self._staged_rows[key] >= min(self.encode_rows, self.rows_per_part):
+                if self._staged_rows[key] >= self.stage_rows:
                     self._encode_staged(key)
         else:
             self._encode_batches(key, [(item, size)])
         self._maybe_flush()
+
+    @property
+    def stage_rows(self) -> int:
+        """A partition's staged batches are encoded together once they hold this many rows."""
+        return min(self.encode_rows, self.rows_per_part)
 
     def _drop_inputs(self, batch: PendingBatch, size: int) -> bool:
         """Replace the inputs kept for content-hash ids by the ids, so that a staged batch does not hold its
